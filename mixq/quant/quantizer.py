@@ -1,0 +1,173 @@
+"""TensorQuantizer: a module that fake-quantizes, calibrates, or passes a tensor through.
+
+Modes (pytorch-quantization's names): ``enable_calib()`` collects statistics, ``enable_quant()``
+fake-quantizes, ``disable()`` passes through. ``load_calib_amax()`` turns statistics into the
+range stored in buffers, so a calibrated quantizer is saved and loaded with the ``state_dict``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mixq.errors import CalibrationError
+from mixq.quant import tensor_quant as tq
+from mixq.quant.calibrators import Calibrator, make_calibrator
+from mixq.quant.descriptor import QuantDescriptor
+
+
+class TensorQuantizer(nn.Module):
+    """Fake-quantizes one tensor as its ``QuantDescriptor`` says.
+
+    Args:
+        desc: the descriptor; defaults to 8-bit signed per-tensor with max calibration.
+    """
+
+    def __init__(self, desc: Optional[QuantDescriptor] = None) -> None:
+        super().__init__()
+        self.desc = desc or QuantDescriptor()
+        self._disabled = False
+        self._if_quant = True
+        self._if_calib = False
+        self._calibrator: Optional[Calibrator] = None
+        # amax for symmetric / fp8 schemes; (scale, zero_point) for asymmetric ones.
+        self.register_buffer("_amax", None if self.desc.amax is None else torch.tensor(float(self.desc.amax)))
+        self.register_buffer("_scale", None)
+        self.register_buffer("_zero_point", None)
+        self._learned: Optional[nn.Parameter] = None
+
+    # ----------------------------------------------------------------- modes
+    def enable(self) -> None:
+        self._disabled = False
+
+    def disable(self) -> None:
+        self._disabled = True
+
+    @property
+    def enabled(self) -> bool:
+        return not self._disabled
+
+    def enable_quant(self) -> None:
+        self._if_quant = True
+
+    def disable_quant(self) -> None:
+        self._if_quant = False
+
+    def enable_calib(self) -> None:
+        if self._calibrator is None:
+            axis = self.desc.axis
+            method = "max" if (self.desc.fp8 or axis is not None) else self.desc.calib_method
+            self._calibrator = make_calibrator(method, axis, self.desc.num_bins)
+        self._if_calib = True
+
+    def disable_calib(self) -> None:
+        self._if_calib = False
+
+    # ----------------------------------------------------------------- ranges
+    @property
+    def is_calibrated(self) -> bool:
+        return self._amax is not None or self._scale is not None or self.desc.block_size is not None
+
+    @property
+    def amax(self) -> Optional[torch.Tensor]:
+        if self._learned is not None:
+            return self._learned
+        return self._amax
+
+    @property
+    def scale(self) -> Optional[torch.Tensor]:
+        """The dequantization step the engine will use (per tensor or per channel)."""
+        if self.desc.asymmetric:
+            return self._scale
+        if self.amax is None:
+            return None
+        if self.desc.fp8:
+            return self.amax.detach() / tq.FP8_E4M3_MAX
+        _, hi = tq.int_bounds(self.desc.num_bits, self.desc.unsigned, self.desc.narrow_range)
+        return self.amax.detach() / hi
+
+    @property
+    def zero_point(self) -> Optional[torch.Tensor]:
+        return self._zero_point if self.desc.asymmetric else None
+
+    def load_calib_amax(self, method: Optional[str] = None, **kwargs) -> None:
+        """Compute the range from collected statistics and store it.
+
+        Args:
+            method: override the descriptor's calib_method for histogram calibrators.
+            kwargs: passed to the calibrator (for example ``percentile=99.9``).
+
+        Raises:
+            CalibrationError: no statistics were collected.
+        """
+        if self._calibrator is None:
+            raise CalibrationError("load_calib_amax() called before any calibration: call enable_calib() and run data.")
+        method = method or self.desc.calib_method
+        kwargs.setdefault("percentile", self.desc.percentile)
+        if self.desc.asymmetric:
+            lo, hi = self._calibrator.compute_range(method=method, num_bits=self.desc.num_bits, **kwargs)
+            scale, zp = tq.affine_qparams(lo, hi, self.desc.num_bits)
+            self._scale, self._zero_point = scale, zp
+        else:
+            amax = self._calibrator.compute_amax(method=method, num_bits=self.desc.num_bits,
+                                                 unsigned=self.desc.unsigned, **kwargs)
+            self._amax = amax.detach().float().clone()
+            if self.desc.learn_amax:
+                self.init_learn_amax()
+
+    def set_amax(self, amax: torch.Tensor | float) -> None:
+        """Set a symmetric range directly (for weights, or ranges computed elsewhere)."""
+        self._amax = torch.as_tensor(amax, dtype=torch.float32).detach().clone()
+
+    def set_range(self, min_val: torch.Tensor | float, max_val: torch.Tensor | float) -> None:
+        """Set an asymmetric range directly."""
+        self._scale, self._zero_point = tq.affine_qparams(min_val, max_val, self.desc.num_bits)
+
+    def init_learn_amax(self) -> None:
+        """Turn the calibrated amax into a trainable parameter (PACT-style clipping gradient)."""
+        if self._amax is None:
+            raise CalibrationError("learn_amax needs a calibrated amax first.")
+        self._learned = nn.Parameter(self._amax.clone())
+
+    def reset_calibration(self) -> None:
+        self._calibrator = None
+        self._amax = self._scale = self._zero_point = None
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self._disabled:
+            return inputs
+        if self._if_calib:
+            self._calibrator.collect(inputs)
+        if not self._if_quant:
+            return inputs
+        return self.fake_quant(inputs)
+
+    def fake_quant(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Apply fake quantization with the stored range."""
+        d = self.desc
+        if d.block_size is not None:
+            return tq.fake_block_quant(inputs, d.num_bits, d.block_size)
+        if not self.is_calibrated:
+            raise CalibrationError(
+                "quantizer used before calibration: calibrate the model (mixq.quantize(..., calib_data=...)) "
+                "or set a fixed amax in its QuantDescriptor."
+            )
+        if d.asymmetric:
+            return tq.fake_affine_quant(inputs, self._scale, self._zero_point, d.num_bits)
+        amax = self.amax
+        if self._learned is not None:
+            # Clip with a gradient to amax (PACT), then quantize on the clipped grid.
+            inputs = torch.minimum(torch.maximum(inputs, -amax), amax)
+        if d.fp8:
+            return tq.fake_fp8_e4m3_quant(inputs, amax)
+        return tq.fake_tensor_quant(inputs, amax, d.num_bits, d.unsigned, d.narrow_range)
+
+    def extra_repr(self) -> str:
+        d = self.desc
+        kind = "fp8_e4m3" if d.fp8 else (f"{d.num_bits}bit" + (" asym" if d.asymmetric else "") +
+                                         (" unsigned" if d.unsigned and not d.asymmetric else ""))
+        axis = f" axis={d.axis}" if d.axis is not None else (f" block={d.block_size}" if d.block_size else " per-tensor")
+        state = "disabled" if self._disabled else ("calib" if self._if_calib else "") + (" quant" if self._if_quant else "")
+        return f"{kind}{axis} {state.strip()}"

@@ -1,0 +1,192 @@
+"""Fake-quantization functions with straight-through gradients.
+
+Formulas follow pytorch-quantization so its users get the same codes:
+``scale = bound / amax``, ``code = clamp(round_half_even(x * scale), min_bound, bound)``,
+``x_hat = code / scale``. The gradient passes straight through inside the clipping range and is
+zero outside it. An ``amax`` below 2^-24 (a dead channel) quantizes to zero, never NaN.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_TINY = 2.0**-24
+FP8_E4M3_MAX = 448.0
+
+
+def int_bounds(num_bits: int, unsigned: bool, narrow_range: bool) -> tuple[float, float]:
+    """Return (min_code, max_code) of a symmetric integer grid."""
+    max_bound = 2.0 ** (num_bits - 1 + int(unsigned)) - 1.0
+    if unsigned:
+        return 0.0, max_bound
+    return (-max_bound if narrow_range else -max_bound - 1.0), max_bound
+
+
+def _safe_amax(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace tiny amax by 1 (to avoid 1/0) and return the mask of the dead entries."""
+    dead = amax.abs() < _TINY
+    return torch.where(dead, torch.ones_like(amax), amax.abs()), dead
+
+
+def quant_codes(inputs: torch.Tensor, amax: torch.Tensor, num_bits: int = 8, unsigned: bool = False,
+                narrow_range: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (integer codes as float, scale) of symmetric quantization, without gradient."""
+    amax = torch.as_tensor(amax, dtype=torch.float32, device=inputs.device)
+    lo, hi = int_bounds(num_bits, unsigned, narrow_range)
+    safe, dead = _safe_amax(amax)
+    scale = hi / safe
+    codes = torch.clamp(torch.round(inputs.float() * scale), lo, hi)
+    return torch.where(dead, torch.zeros_like(codes), codes), scale
+
+
+class _FakeTensorQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, inputs, amax, num_bits, unsigned, narrow_range):
+        amax = torch.as_tensor(amax, dtype=torch.float32, device=inputs.device)
+        codes, scale = quant_codes(inputs, amax, num_bits, unsigned, narrow_range)
+        lo, hi = int_bounds(num_bits, unsigned, narrow_range)
+        ctx.save_for_backward(inputs, amax)
+        ctx.bounds = (lo, hi)
+        out = (codes / scale).to(inputs.dtype)
+        return torch.where(amax.abs() < _TINY, torch.zeros_like(out), out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs, amax = ctx.saved_tensors
+        lo, hi = ctx.bounds
+        safe, _ = _safe_amax(amax)
+        scaled = inputs * (hi / safe)
+        # Straight-through inside the representable range, zero where the input was clipped.
+        inside = (scaled >= lo - 0.5) & (scaled <= hi + 0.5)
+        return grad * inside.to(grad.dtype), None, None, None, None
+
+
+def fake_tensor_quant(inputs: torch.Tensor, amax: torch.Tensor | float, num_bits: int = 8,
+                      unsigned: bool = False, narrow_range: bool = True) -> torch.Tensor:
+    """Symmetric fake quantization (quantize then dequantize) with a straight-through gradient.
+
+    Args:
+        inputs: any float tensor.
+        amax: absolute maximum; a scalar, or a tensor broadcastable to ``inputs`` for per-channel.
+        num_bits: bits of the integer grid.
+        unsigned: use [0, 2^b - 1] (inputs must be non-negative to be represented).
+        narrow_range: drop the most negative code so the grid is symmetric ([-127, 127] for 8 bits).
+
+    Returns:
+        A tensor like ``inputs`` holding dequantized values.
+    """
+    return _FakeTensorQuant.apply(inputs, amax, num_bits, unsigned, narrow_range)
+
+
+def affine_qparams(min_val: torch.Tensor, max_val: torch.Tensor, num_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (scale, zero_point) of unsigned asymmetric quantization covering [min, max] and 0.
+
+    The range is widened to include zero so that zero (padding, ReLU outputs) is exact, as ONNX
+    Runtime's QDQ tools require.
+    """
+    qmax = 2.0**num_bits - 1.0
+    lo = torch.clamp(torch.as_tensor(min_val, dtype=torch.float32), max=0.0)
+    hi = torch.clamp(torch.as_tensor(max_val, dtype=torch.float32), min=0.0)
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale < _TINY, torch.ones_like(scale), scale)
+    zero_point = torch.clamp(torch.round(-lo / scale), 0.0, qmax)
+    return scale, zero_point
+
+
+class _FakeAffineQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, inputs, scale, zero_point, qmin, qmax):
+        q = torch.clamp(torch.round(inputs / scale) + zero_point, qmin, qmax)
+        ctx.save_for_backward(inputs, scale, zero_point)
+        ctx.bounds = (qmin, qmax)
+        return ((q - zero_point) * scale).to(inputs.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs, scale, zero_point = ctx.saved_tensors
+        qmin, qmax = ctx.bounds
+        lo = (qmin - zero_point) * scale
+        hi = (qmax - zero_point) * scale
+        inside = (inputs >= lo - 0.5 * scale) & (inputs <= hi + 0.5 * scale)
+        return grad * inside.to(grad.dtype), None, None, None, None
+
+
+def fake_affine_quant(inputs: torch.Tensor, scale: torch.Tensor | float, zero_point: torch.Tensor | float,
+                      num_bits: int = 8) -> torch.Tensor:
+    """Unsigned asymmetric fake quantization: ``(clamp(round(x/s) + z, 0, 2^b-1) - z) * s``.
+
+    Args:
+        inputs: any float tensor.
+        scale: positive step size (scalar or broadcastable tensor).
+        zero_point: integer-valued zero point in [0, 2^b - 1].
+        num_bits: bits of the unsigned grid.
+
+    Returns:
+        Dequantized tensor; gradient is straight-through inside the representable range.
+    """
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=inputs.device)
+    zero_point = torch.as_tensor(zero_point, dtype=torch.float32, device=inputs.device)
+    return _FakeAffineQuant.apply(inputs, scale, zero_point, 0.0, 2.0**num_bits - 1.0)
+
+
+class _FakeFP8(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, inputs, amax):
+        amax = torch.as_tensor(amax, dtype=torch.float32, device=inputs.device)
+        safe, dead = _safe_amax(amax)
+        scale = FP8_E4M3_MAX / safe
+        scaled = torch.clamp(inputs.float() * scale, -FP8_E4M3_MAX, FP8_E4M3_MAX)
+        out = (scaled.to(torch.float8_e4m3fn).float() / scale).to(inputs.dtype)
+        ctx.save_for_backward(inputs, safe)
+        return torch.where(dead, torch.zeros_like(out), out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs, safe = ctx.saved_tensors
+        return grad * (inputs.abs() <= safe).to(grad.dtype), None
+
+
+def fake_fp8_e4m3_quant(inputs: torch.Tensor, amax: torch.Tensor | float) -> torch.Tensor:
+    """FP8 E4M3 fake quantization with a per-tensor (or broadcastable) scale ``448 / amax``.
+
+    Values are scaled so that ``amax`` maps to 448, clipped, rounded to the nearest E4M3 value
+    (ties to even), and scaled back.
+    """
+    return _FakeFP8.apply(inputs, amax)
+
+
+def fake_block_quant(weight: torch.Tensor, num_bits: int = 4, block_size: int = 128,
+                     amax: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Block-wise symmetric weight fake quantization along the last dimension (int4 weight-only).
+
+    Args:
+        weight: 2-D (out, in) weight; other ranks are flattened to (shape[0], -1).
+        num_bits: bits per weight.
+        block_size: consecutive input elements sharing one scale; the last block may be short.
+        amax: per-block amax of shape (out, n_blocks); computed from the weight when None.
+
+    Returns:
+        The dequantized weight, same shape.
+    """
+    shape = weight.shape
+    w = weight.reshape(shape[0], -1)
+    n = w.shape[1]
+    pad = (-n) % block_size
+    wp = torch.nn.functional.pad(w, (0, pad)).reshape(shape[0], -1, block_size)
+    if amax is None:
+        amax = block_amax(weight, block_size)
+    out = fake_tensor_quant(wp, amax.unsqueeze(-1), num_bits, False, True)
+    return out.reshape(shape[0], -1)[:, :n].reshape(shape)
+
+
+def block_amax(weight: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Return the (out, n_blocks) absolute maxima of a weight split in blocks along its last dim."""
+    w = weight.detach().reshape(weight.shape[0], -1)
+    pad = (-w.shape[1]) % block_size
+    return torch.nn.functional.pad(w, (0, pad)).reshape(w.shape[0], -1, block_size).abs().amax(-1)
+
+
+def fake_float_cast(inputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round a tensor through a lower float dtype (fp16/bf16) with an identity gradient."""
+    return inputs + (inputs.to(dtype).to(inputs.dtype) - inputs).detach()
