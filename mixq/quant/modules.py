@@ -343,8 +343,10 @@ class _QuantFunctional(QuantMixin, nn.Module):
     weight_names = ()
 
     def __init__(self, backend: str = DEFAULT_BACKEND, formats: Sequence[str] = ("int8",),
-                 calib_method: str = "max", **kwargs) -> None:
+                 calib_method: str = "max", num_inputs: Optional[int] = None) -> None:
         nn.Module.__init__(self)
+        if num_inputs is not None:
+            self.num_inputs = num_inputs  # instance value shadows the class default (cat of N tensors)
         self.init_quantizer(backend=backend, formats=formats, calib_method=calib_method)
 
 
@@ -372,7 +374,6 @@ class QuantCat(_QuantFunctional):
     """``torch.cat(tensors, dim)`` with every input quantized."""
 
     kind = "cat"
-    num_inputs = 8  # upper bound; unused input quantizers never see data and stay disabled
 
     def __init__(self, dim: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -381,7 +382,7 @@ class QuantCat(_QuantFunctional):
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         if len(tensors) == 1 and isinstance(tensors[0], (list, tuple)):
             tensors = tuple(tensors[0])
-        qs = [self.quant_input(t, i) if i < self.num_inputs else t for i, t in enumerate(tensors)]
+        qs = [self.quant_input(t, i) for i, t in enumerate(tensors)]
         return self.quant_output(torch.cat(qs, self.dim))
 
 

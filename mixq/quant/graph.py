@@ -1,0 +1,267 @@
+"""FX graph mode: trace a model, fold BatchNorm, and put quant modules where the backend wants them.
+
+Every quantizable unit becomes a quant module in the traced ``GraphModule``: float layers
+(Conv, Linear ...) are swapped in place, and functional calls (``+`` on residuals, ``torch.cat``,
+``torch.matmul``, ``F.max_pool2d``) are replaced by ``QuantAdd`` / ``QuantCat`` / ``QuantMatMul``
+/ ``QuantMaxPool`` submodules named after the module that called them (``layer1.0.add``).
+
+Backend placement rules applied here:
+- ort-cpu: a quantized op's output is requantized (QLinear* kernels produce integers); when the
+  output feeds a ReLU, the output quantizer moves behind the ReLU so Conv+ReLU fuse.
+- tensorrt: residual Add quantizes only the input that is not a convolution output, so
+  TensorRT can fuse the Add into that convolution.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from collections import defaultdict
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+from mixq.formats import DEFAULT_BACKEND, get_backend
+from mixq.quant.modules import (QUANT_MAP, QuantAdd, QuantCat, QuantMatMul, QuantMaxPool, QuantMixin, _QuantFunctional,
+                                from_float)
+
+ADD_FUNCS = {operator.add, torch.add, operator.iadd}
+MATMUL_FUNCS = {torch.matmul, operator.matmul, torch.bmm}
+CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
+MAXPOOL_FUNCS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3,
+                 torch.max_pool1d: 1, torch.max_pool2d: 2, torch.max_pool3d: 3}
+MAXPOOL_MODULES = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+RELU_FUNCS = {F.relu, torch.relu, torch.relu_}
+_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_CONV_BN = {(nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d),
+            (nn.Linear, nn.BatchNorm1d)}
+
+
+class QuantFollower(_QuantFunctional):
+    """The output quantizer of another unit, moved behind an activation it fuses with.
+
+    It is not a unit of its own: ``owner`` names the unit whose format it follows.
+    """
+
+    kind = "follower"
+
+    def __init__(self, owner: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.owner = owner
+        self.quantize_output = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_input(x)
+
+
+class ScopeTracer(fx.Tracer):
+    """A tracer that records, for every node, the path of the module whose forward created it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._scope: list[str] = []
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        self._scope.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self._scope.pop()
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        node.meta["scope"] = self._scope[-1] if self._scope else ""
+        return node
+
+
+def trace(model: nn.Module, concrete_args: Optional[dict] = None,
+          preserved_attributes: Sequence[str] = ()) -> fx.GraphModule:
+    """Symbolically trace ``model`` (raises whatever torch.fx raises when it cannot)."""
+    tracer = ScopeTracer()
+    graph = tracer.trace(model, concrete_args=concrete_args)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    for attr in preserved_attributes:
+        if hasattr(model, attr):
+            setattr(gm, attr, getattr(model, attr))
+    return gm
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def fold_batchnorm(gm: fx.GraphModule) -> int:
+    """Fold eval-mode BatchNorm into the Conv/Linear that feeds it; return how many were folded.
+
+    Only folds when the conv output goes nowhere else, so the graph computes the same function.
+    """
+    folded = 0
+    for node in list(gm.graph.nodes):
+        bn = _module(gm, node)
+        if bn is None or not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training:
+            continue
+        src = node.args[0]
+        if not isinstance(src, fx.Node) or len(src.users) != 1:
+            continue
+        conv = _module(gm, src)
+        if conv is None or (type(conv), type(bn)) not in _CONV_BN or conv.training:
+            continue
+        fused = (fuse_linear_bn_eval if isinstance(conv, nn.Linear) else fuse_conv_bn_eval)(conv, bn)
+        _set_module(gm, src.target, fused)
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        folded += 1
+    return folded
+
+
+def _set_module(gm: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in RELU_FUNCS
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_")
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.ReLU)
+
+
+def _is_conv_output(gm: fx.GraphModule, node: Any) -> bool:
+    m = _module(gm, node) if isinstance(node, fx.Node) else None
+    return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+
+class _Namer:
+    """Names functional units after the module that called them: ``layer1.0.add``, ``layer1.0.add_1``."""
+
+    def __init__(self, gm: nn.Module) -> None:
+        self.used = {n for n, _ in gm.named_modules()}
+        self.count: dict[str, int] = defaultdict(int)
+
+    def __call__(self, scope: str, op: str) -> str:
+        while True:
+            base = f"{scope}.{op}" if scope else op
+            k = self.count[base]
+            self.count[base] += 1
+            name = base if k == 0 else f"{base}_{k}"
+            if name not in self.used:
+                self.used.add(name)
+                return name
+
+
+def insert_quant_modules(gm: fx.GraphModule, backend: str = DEFAULT_BACKEND, fold_bn: bool = True) -> fx.GraphModule:
+    """Rewrite ``gm`` in place so every quantizable unit is a quant module with no formats yet.
+
+    Args:
+        gm: a traced model (a copy: it is modified).
+        backend: whose placement rules to follow.
+        fold_bn: fold eval-mode BatchNorm into convolutions first (PTQ).
+
+    Returns:
+        ``gm``, recompiled.
+    """
+    be = get_backend(backend)
+    if fold_bn:
+        fold_batchnorm(gm)
+    namer = _Namer(gm)
+    kw = dict(backend=be.name, formats=())
+    swapped: set[str] = set()
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if type(m) in QUANT_MAP and node.target not in swapped:
+                _set_module(gm, node.target, from_float(m, **kw))
+                swapped.add(node.target)
+            elif type(m) in MAXPOOL_MODULES and not m.return_indices:
+                pool_kwargs = {a: getattr(m, a) for a in _POOL_ARGS[:-1]}
+                _set_module(gm, node.target, QuantMaxPool(nd=MAXPOOL_MODULES[type(m)], pool_kwargs=pool_kwargs, **kw))
+            continue
+        new = _functional_unit(gm, node, namer, kw)
+        if new is None:
+            continue
+        name, qmod, args = new
+        gm.add_submodule(name, qmod)
+        with gm.graph.inserting_after(node):
+            repl = gm.graph.call_module(name, args=args)
+        repl.meta.update(node.meta)
+        node.replace_all_uses_with(repl)
+        gm.graph.erase_node(node)
+    _apply_placement(gm, be.name, kw)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _functional_unit(gm: fx.GraphModule, node: fx.Node, namer: _Namer, kw: dict):
+    """Return (name, quant module, call args) if ``node`` is a quantizable functional call."""
+    scope = node.meta.get("scope", "")
+    tgt = node.target
+    if node.op == "call_function" and tgt in ADD_FUNCS or node.op == "call_method" and tgt == "add":
+        a, b = node.args[:2] if len(node.args) >= 2 else (None, None)
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node) and not node.kwargs:
+            return namer(scope, "add"), QuantAdd(**kw), (a, b)
+    elif node.op == "call_function" and tgt in MATMUL_FUNCS or node.op == "call_method" and tgt == "matmul":
+        a, b = node.args[:2]
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+            return namer(scope, "matmul"), QuantMatMul(**kw), (a, b)
+    elif node.op == "call_function" and tgt in CAT_FUNCS:
+        tensors = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if isinstance(tensors, (list, tuple)) and all(isinstance(t, fx.Node) for t in tensors) and isinstance(dim, int):
+            return namer(scope, "cat"), QuantCat(dim=dim, num_inputs=len(tensors), **kw), tuple(tensors)
+    elif node.op == "call_function" and tgt in MAXPOOL_FUNCS:
+        pool_kwargs = dict(zip(_POOL_ARGS, node.args[1:]), **node.kwargs)
+        if not pool_kwargs.pop("return_indices", False) and isinstance(node.args[0], fx.Node):
+            return (namer(scope, "max_pool"), QuantMaxPool(nd=MAXPOOL_FUNCS[tgt], pool_kwargs=pool_kwargs, **kw),
+                    (node.args[0],))
+    return None
+
+
+def _apply_placement(gm: fx.GraphModule, backend: str, kw: dict) -> None:
+    be = get_backend(backend)
+    namer = _Namer(gm)
+    for node in list(gm.graph.nodes):
+        m = _module(gm, node)
+        if not isinstance(m, QuantMixin):
+            continue
+        if be.name == "tensorrt" and isinstance(m, QuantAdd):
+            convs = [_is_conv_output(gm, a) for a in node.args[:2]]
+            if any(convs):
+                # The first conv-produced input fuses with the Add; Q/DQ goes on the other (residual) one.
+                first = convs.index(True)
+                m.input_mask = [i != first for i in range(2)]
+        if be.quantize_outputs and m.quantize_output and len(node.users) == 1:
+            user = next(iter(node.users))
+            if _is_relu(gm, user):
+                name = namer(node.meta.get("scope", "") if node.op != "call_module" else node.target, "output_quant")
+                follower = QuantFollower(owner=node.target, **kw)
+                gm.add_submodule(name, follower)
+                with gm.graph.inserting_after(user):
+                    fnode = gm.graph.call_module(name, args=(user,))
+                user.replace_all_uses_with(fnode, delete_user_cb=lambda u: u is not fnode)
+                m.quantize_output = False
+
+
+def units(gm: nn.Module) -> dict[str, QuantMixin]:
+    """Quantizable units of a prepared model by name (followers excluded)."""
+    return {n: m for n, m in gm.named_modules() if isinstance(m, QuantMixin) and not isinstance(m, QuantFollower)}
+
+
+def followers(gm: nn.Module) -> list[QuantFollower]:
+    return [m for m in gm.modules() if isinstance(m, QuantFollower)]
+
+
+def prepare_fx(model: nn.Module, backend: str = DEFAULT_BACKEND, concrete_args: Optional[dict] = None,
+               preserved_attributes: Sequence[str] = (), fold_bn: Optional[bool] = None) -> fx.GraphModule:
+    """Trace a deep copy of ``model`` and insert quant modules (no formats prepared yet).
+
+    Args:
+        fold_bn: fold BatchNorm; default: when the model is in eval mode (PTQ), not in training (QAT).
+    """
+    gm = trace(copy.deepcopy(model), concrete_args, preserved_attributes)
+    if fold_bn is None:
+        fold_bn = not model.training
+    return insert_quant_modules(gm, backend, fold_bn)

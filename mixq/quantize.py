@@ -1,0 +1,240 @@
+"""quantize(): a float model + a plan -> a calibrated fake-quant model that can switch plans.
+
+Two ways to find the quantizable units: FX graph mode (default when the model traces: functional
+calls are quantized too and BatchNorm is folded) and module mode (swap float modules by name;
+the fallback when tracing fails).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from mixq.errors import CalibrationError, MixqError, ModelError
+from mixq.formats import get_backend, get_format
+from mixq.plan import QuantPlan
+from mixq.quant.graph import QuantFollower, followers, prepare_fx, units
+from mixq.quant.modules import QUANT_MAP, QuantMixin, from_float
+
+MODES = ("auto", "fx", "module")
+
+
+class FallbackWarning(UserWarning):
+    """FX tracing failed and mixq fell back to module mode."""
+
+
+@dataclass
+class QuantState:
+    """What mixq knows about a quantized model (kept on it as ``model.mixq``)."""
+
+    backend: str
+    mode: str
+    kinds: dict[str, str]
+    formats: tuple[str, ...] = ()
+    plan: Optional[QuantPlan] = None
+    calibrated: bool = False
+    calib_method: str = "max"
+    fallback_reason: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """Run ``model`` on one batch: a Tensor, a tuple/list of positional inputs, or a dict of kwargs."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", concrete_args: Optional[dict] = None,
+            preserved_attributes: Sequence[str] = (), fold_bn: Optional[bool] = None) -> nn.Module:
+    """Return a copy of ``model`` whose quantizable units are quant modules (no formats yet).
+
+    Args:
+        model: float model (left untouched).
+        backend: whose placement rules and schemes to use.
+        mode: "fx", "module", or "auto" (FX, falling back to module mode with a warning).
+        concrete_args / preserved_attributes: passed to the FX tracer.
+        fold_bn: fold BatchNorm into convolutions (FX mode; default when the model is in eval mode).
+
+    Raises:
+        MixqError: bad mode; ModelError: no quantizable unit.
+    """
+    be = get_backend(backend)
+    if mode not in MODES:
+        raise MixqError(f"unknown mode {mode!r}; valid modes are {', '.join(MODES)}.")
+    reason = ""
+    qmodel = None
+    if mode in ("auto", "fx"):
+        try:
+            qmodel = prepare_fx(model, be.name, concrete_args, preserved_attributes, fold_bn)
+            used = "fx"
+        except Exception as e:  # torch.fx raises many types (TraceError, TypeError, NotImplementedError ...)
+            if mode == "fx":
+                raise ModelError(f"FX tracing failed: {type(e).__name__}: {e}. Use mode='module' or make the "
+                                 "forward traceable (concrete_args for data-dependent branches).") from e
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            warnings.warn(f"FX tracing failed ({reason}); falling back to module mode: functional ops "
+                          "(add, matmul, cat, max_pool) stay float.", FallbackWarning, stacklevel=3)
+    if qmodel is None:
+        qmodel = _prepare_modules(model, be.name)
+        used = "module"
+    kinds = {n: m.kind for n, m in units(qmodel).items()}
+    if not kinds:
+        raise ModelError(
+            f"the model ({type(model).__name__}) has no quantizable layer: mixq quantizes "
+            f"{', '.join(sorted(c.__name__ for c in QUANT_MAP))} modules and functional add/matmul/cat/max_pool."
+        )
+    qmodel.mixq = QuantState(backend=be.name, mode=used, kinds=kinds, fallback_reason=reason)
+    return qmodel
+
+
+def _prepare_modules(model: nn.Module, backend: str) -> nn.Module:
+    qmodel = copy.deepcopy(model)
+    swap = [(n, m) for n, m in qmodel.named_modules() if type(m) in QUANT_MAP and n]
+    if type(qmodel) in QUANT_MAP:
+        return from_float(qmodel, backend=backend, formats=())
+    for name, m in swap:
+        parent, _, leaf = name.rpartition(".")
+        setattr(qmodel.get_submodule(parent) if parent else qmodel, leaf, from_float(m, backend=backend, formats=()))
+    return qmodel
+
+
+def _state(qmodel: nn.Module) -> QuantState:
+    st = getattr(qmodel, "mixq", None)
+    if not isinstance(st, QuantState):
+        raise MixqError("this model was not prepared by mixq: call mixq.quantize(model, plan, ...) first.")
+    return st
+
+
+def add_formats(qmodel: nn.Module, formats: Iterable[str], calib_method: str = "max") -> None:
+    """Prepare quantizers for ``formats`` on every unit that the backend can run them on."""
+    st = _state(qmodel)
+    be = get_backend(st.backend)
+    owners = units(qmodel)
+    for name, m in owners.items():
+        for f in formats:
+            if get_format(f).name in be.supported(m.kind):
+                m.add_format(f, calib_method)
+    for fol in followers(qmodel):
+        for f in owners[fol.owner].formats:
+            fol.add_format(f, calib_method)
+    st.formats = tuple(sorted({*st.formats, *(get_format(f).name for f in formats)}))
+
+
+def calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str] = None) -> int:
+    """Collect activation statistics for every prepared format in one pass; return batches seen.
+
+    The model runs in float during calibration (statistics of the float network), so each
+    format's ranges are independent of which plan is active later.
+
+    Raises:
+        CalibrationError: the loader yields nothing, or yields NaN/Inf.
+    """
+    st = _state(qmodel)
+    mods = [m for m in qmodel.modules() if isinstance(m, QuantMixin)]
+    for m in mods:
+        m.begin_calibration()
+    n = 0
+    try:
+        with torch.no_grad():
+            for batch in calib_data:
+                call_model(qmodel, batch)
+                n += 1
+    finally:
+        for m in mods:
+            m.calibrating = False
+    if n == 0:
+        raise CalibrationError("the calibration loader yielded no batch: pass an iterable of input batches "
+                               "(a Tensor, or a tuple of Tensors per batch).")
+    for m in mods:
+        m.end_calibration(method or st.calib_method)
+    st.calibrated = True
+    return n
+
+
+def set_plan(qmodel: nn.Module, plan: QuantPlan | str) -> dict[str, str]:
+    """Switch a prepared, calibrated model to ``plan`` in place; return the resolved {layer: format}.
+
+    Cheap: only attribute changes, no recalibration.
+
+    Raises:
+        PlanError / UnsupportedFormatError: the plan does not fit the model or was not prepared.
+    """
+    st = _state(qmodel)
+    plan = _as_plan(plan, st.backend)
+    if plan.backend != st.backend:
+        from mixq.errors import PlanError
+
+        raise PlanError(f"the plan is for backend {plan.backend!r} but the model was quantized for {st.backend!r}; "
+                        f"quantize again with backend={plan.backend!r}.")
+    resolved = plan.resolve(st.kinds)
+    owners = units(qmodel)
+    for name, fmt in resolved.items():
+        owners[name].set_format(fmt)
+    for fol in followers(qmodel):
+        fol.set_format(owners[fol.owner].active_format)
+    st.plan = plan
+    return resolved
+
+
+def _as_plan(plan: QuantPlan | str | dict, backend: str) -> QuantPlan:
+    if isinstance(plan, QuantPlan):
+        return plan
+    if isinstance(plan, dict):
+        return QuantPlan.from_dict(plan)
+    return QuantPlan.uniform(plan, backend)
+
+
+def quantize(model: nn.Module, plan_or_format: QuantPlan | str | dict = "int8", backend: Optional[str] = None,
+             calib_data: Optional[Iterable] = None, calib_method: Optional[str] = None,
+             formats: Sequence[str] = (), mode: str = "auto", concrete_args: Optional[dict] = None,
+             preserved_attributes: Sequence[str] = (), fold_bn: Optional[bool] = None) -> nn.Module:
+    """Return a calibrated fake-quant copy of ``model`` running ``plan_or_format``.
+
+    Args:
+        model: the float model; it is not modified.
+        plan_or_format: a QuantPlan, its dict form, or a format name applied to every layer.
+        backend: backend name; defaults to the plan's backend (or "ort-cpu" for a format name).
+        calib_data: iterable of input batches; required unless every quantized format is weight-only.
+        calib_method: "max", "entropy", "percentile" or "mse" (default: the plan's).
+        formats: extra formats to prepare so that ``set_plan`` can switch to them later.
+        mode: "auto" (FX, falling back to module mode), "fx" or "module".
+        concrete_args / preserved_attributes / fold_bn: FX options.
+
+    Returns:
+        The quantized model; ``model.mixq`` holds its QuantState.
+
+    Raises:
+        MixqError subclasses for a bad plan, backend, calibration data or model.
+    """
+    if isinstance(plan_or_format, str):
+        plan = QuantPlan.uniform(plan_or_format, backend or "ort-cpu", calib_method or "max")
+    else:
+        plan = _as_plan(plan_or_format, backend or "ort-cpu")
+        if backend is not None and get_backend(backend).name != plan.backend:
+            plan = QuantPlan(backend=backend, default=plan.default, layers=plan.layers, calib_method=plan.calib_method)
+    method = calib_method or plan.calib_method
+    qmodel = prepare(model, plan.backend, mode, concrete_args, preserved_attributes, fold_bn)
+    st = _state(qmodel)
+    st.calib_method = method
+    plan.validate(st.kinds)
+    add_formats(qmodel, [*plan.formats(), *formats], method)
+    needs_data = any(not get_format(f).is_float and not get_format(f).weight_only for f in st.formats)
+    if needs_data and calib_data is None:
+        raise CalibrationError(f"calib_data is required to calibrate activations for {', '.join(st.formats)}: "
+                               "pass an iterable of input batches.")
+    if calib_data is not None:
+        calibrate(qmodel, calib_data, method)
+    else:
+        for m in qmodel.modules():
+            if isinstance(m, QuantMixin):
+                m.calibrate_weights()
+        st.calibrated = True
+    set_plan(qmodel, plan)
+    return qmodel
