@@ -14,6 +14,7 @@ Backend placement rules applied here:
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 from collections import defaultdict
 from typing import Any, Optional, Sequence
@@ -82,10 +83,25 @@ def trace(model: nn.Module, concrete_args: Optional[dict] = None,
     tracer = ScopeTracer()
     graph = tracer.trace(model, concrete_args=concrete_args)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _restore_argument_names(gm, model)
     for attr in preserved_attributes:
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))
     return gm
+
+
+def _restore_argument_names(gm: fx.GraphModule, model: nn.Module) -> None:
+    """FX renames placeholders of concrete args (``double`` -> ``double_1``); give callers their names back."""
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(holders) == len(params):
+        for node, p in zip(holders, params):
+            node.target = p.name
+        gm.recompile()
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
@@ -164,8 +180,8 @@ def insert_quant_modules(gm: fx.GraphModule, backend: str = DEFAULT_BACKEND, fol
         ``gm``, recompiled.
     """
     be = get_backend(backend)
-    if fold_bn:
-        fold_batchnorm(gm)
+    if fold_bn and fold_batchnorm(gm):
+        gm.delete_all_unused_submodules()
     namer = _Namer(gm)
     kw = dict(backend=be.name, formats=())
     swapped: set[str] = set()

@@ -1,0 +1,128 @@
+"""Command line: one subcommand per stage, each reading and writing artifacts in a run folder.
+
+    mixq inventory [--example NAME | --model SPEC ...]      -> RUN/inventory.json
+    mixq quantize  [--format int8 | --plan PLAN.json] ...   -> RUN/plan.json, RUN/quantize.json
+    mixq run       the main job on the default example (quantize + evaluate, for now)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from mixq.errors import MixqError
+
+
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("task (a built-in example, or your own module:function specs)")
+    g.add_argument("--example", default=None, help="built-in example: mnist_resnet (default) or minilm")
+    g.add_argument("--model", help="spec of a function returning the float model, e.g. mypkg.models:build")
+    g.add_argument("--calib", help="spec of a function returning calibration batches")
+    g.add_argument("--eval", help="spec of a function returning (inputs, targets) evaluation batches")
+    g.add_argument("--metric", help="spec of a function(outputs, targets) -> per-sample scores")
+    p.add_argument("--backend", default="ort-cpu", help="ort-cpu (default) or tensorrt")
+    p.add_argument("--run-dir", default=None, help="folder for artifacts (default: runs/<task name>)")
+
+
+def _task(args: argparse.Namespace):
+    from mixq.task import DEFAULT_EXAMPLE, Task
+
+    specs = [args.model, args.calib, args.eval, args.metric]
+    if any(specs):
+        if not all(specs):
+            raise MixqError("--model, --calib, --eval and --metric go together: give all four specs, or --example.")
+        return Task.from_specs(*specs)
+    return Task.example(args.example or DEFAULT_EXAMPLE)
+
+
+def _run_dir(args: argparse.Namespace, task) -> Path:
+    d = Path(args.run_dir or Path("runs") / task.name)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def cmd_inventory(args: argparse.Namespace) -> int:
+    from mixq.artifacts import write_atomic
+    from mixq.inventory import inventory, inventory_json, inventory_table
+
+    task = _task(args)
+    model = task.model_fn()
+    batch = next(iter(task.calib_fn()), None)
+    if batch is None:
+        raise MixqError("the calibration loader yielded no batch; inventory needs one example batch.")
+    layers = inventory(model, batch, backend=args.backend)
+    print(inventory_table(layers))
+    out = write_atomic(_run_dir(args, task) / "inventory.json", inventory_json(layers))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from mixq.artifacts import write_atomic
+    from mixq.plan import QuantPlan
+    from mixq.quantize import quantize
+    from mixq.task import evaluate
+
+    task = _task(args)
+    plan = QuantPlan.load(args.plan) if args.plan else QuantPlan.uniform(args.format, args.backend, args.calib_method)
+    methods = args.calib_methods.split(",") if args.calib_methods else [plan.calib_method]
+    model = task.model_fn()
+    calib, evald = task.calib_fn(), task.eval_fn()
+    t0 = time.perf_counter()
+    fp32, _ = evaluate(model, evald, task.metric_fn)
+    rows = [{"config": "fp32", "calib_method": "-", "metric": fp32, "drop": 0.0}]
+    print(f"{task.name}: FP32 metric {fp32:.2f}")
+    for method in methods:
+        q = quantize(model, plan, calib_data=calib, calib_method=method)
+        val, _ = evaluate(q, evald, task.metric_fn)
+        label = args.plan or f"all-{plan.default}"
+        rows.append({"config": label, "calib_method": method, "metric": val, "drop": fp32 - val, "mode": q.mixq.mode})
+        print(f"{task.name}: {label} ({plan.backend}, {method} calibration, {q.mixq.mode} mode) metric {val:.2f} "
+              f"(drop {fp32 - val:+.2f})")
+    d = _run_dir(args, task)
+    plan.save(d / "plan.json")
+    result = {"task": task.name, "backend": plan.backend, "rows": rows, "seconds": time.perf_counter() - t0}
+    write_atomic(d / "quantize.json", json.dumps(result, indent=1))
+    print(f"wrote {d / 'plan.json'} and {d / 'quantize.json'}")
+    return 0
+
+
+# Later stages register their own subcommands: register(subparsers, add_task_args, task_of, run_dir_of).
+_STAGE_COMMANDS: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mixq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    inv = sub.add_parser("inventory", help="list the quantizable layers of a model")
+    _add_task_args(inv)
+    inv.set_defaults(func=cmd_inventory)
+    for name, help_ in (("quantize", "calibrate, quantize and evaluate a plan against FP32"),
+                        ("run", "the main job on the default example")):
+        q = sub.add_parser(name, help=help_)
+        _add_task_args(q)
+        q.add_argument("--format", default="int8", help="format for every layer when no --plan is given")
+        q.add_argument("--plan", help="a plan JSON file")
+        q.add_argument("--calib-method", default="max", help="max, entropy, percentile or mse")
+        q.add_argument("--calib-methods", default=None, help="comma-separated methods to compare, e.g. max,entropy")
+        q.set_defaults(func=cmd_quantize)
+    for module in _STAGE_COMMANDS:
+        importlib.import_module(module).register(sub, _add_task_args, _task, _run_dir)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MixqError as e:
+        print(f"mixq: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

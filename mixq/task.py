@@ -1,0 +1,102 @@
+"""A task: model factory, calibration data, evaluation data and metric, from specs or an example.
+
+Users pass their own as ``module:function`` specs; the built-in examples in ``experiments/``
+expose the same four functions (``model``, ``calib_data``, ``eval_data``, ``metric``).
+The metric returns per-sample scores whose mean is the metric (in percent), so that later
+stages can put confidence intervals on differences.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from mixq.errors import MixqError, SpecError, did_you_mean
+from mixq.quantize import call_model
+
+EXAMPLES = {"mnist_resnet": "experiments.mnist_resnet", "minilm": "experiments.minilm"}
+DEFAULT_EXAMPLE = "mnist_resnet"
+
+
+def load_spec(spec: str) -> Callable:
+    """Resolve ``package.module:function`` to the callable.
+
+    Raises:
+        SpecError: malformed spec, module not importable, or no such attribute.
+    """
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise SpecError(f"spec {spec!r} is not of the form 'package.module:function'.")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise SpecError(f"cannot import module {mod_name!r} from spec {spec!r}: {e}.") from None
+    obj = getattr(mod, attr, None)
+    if not callable(obj):
+        names = [n for n in dir(mod) if not n.startswith("_")]
+        raise SpecError(f"module {mod_name!r} has no callable {attr!r}.{did_you_mean(attr, names)}")
+    return obj
+
+
+@dataclass
+class Task:
+    """The four things mixq needs to measure a model."""
+
+    name: str
+    model_fn: Callable[[], nn.Module]
+    calib_fn: Callable[[], list]
+    eval_fn: Callable[[], list]
+    metric_fn: Callable[[list, list], np.ndarray]
+
+    @classmethod
+    def example(cls, name: str = DEFAULT_EXAMPLE) -> "Task":
+        """A built-in example by name (see ``EXAMPLES``)."""
+        if name not in EXAMPLES:
+            raise SpecError(f"unknown example {name!r}; built-in examples are {', '.join(EXAMPLES)}."
+                            f"{did_you_mean(name, EXAMPLES)}")
+        m = EXAMPLES[name]
+        return cls(name, load_spec(f"{m}:model"), load_spec(f"{m}:calib_data"), load_spec(f"{m}:eval_data"),
+                   load_spec(f"{m}:metric"))
+
+    @classmethod
+    def from_specs(cls, model: str, calib: str, eval: str, metric: str, name: Optional[str] = None) -> "Task":
+        return cls(name or model.partition(":")[0].rsplit(".", 1)[-1], load_spec(model), load_spec(calib),
+                   load_spec(eval), load_spec(metric))
+
+
+def run_outputs(model: nn.Module, eval_data: list) -> tuple[list, list]:
+    """Run every eval batch through ``model``; return (outputs, targets)."""
+    outputs, targets = [], []
+    with torch.no_grad():
+        for inputs, target in eval_data:
+            outputs.append(call_model(model, inputs))
+            targets.append(target)
+    if not outputs:
+        raise MixqError("the evaluation loader yielded no batch: pass a list of (inputs, targets) batches.")
+    return outputs, targets
+
+
+def score(metric_fn: Callable, outputs: list, targets: list) -> np.ndarray:
+    """Per-sample scores from the metric, checked to be finite.
+
+    Raises:
+        MixqError: the metric returned nothing, or NaN/Inf.
+    """
+    s = np.asarray(metric_fn(outputs, targets), dtype=np.float64).reshape(-1)
+    if s.size == 0:
+        raise MixqError("the metric returned no per-sample score: it must return one score per evaluation sample.")
+    if not np.isfinite(s).all():
+        raise MixqError(f"the metric returned {int((~np.isfinite(s)).sum())} NaN/Inf score(s) of {s.size}: "
+                        "fix the metric (or the model's outputs) so every score is finite.")
+    return s
+
+
+def evaluate(model: nn.Module, eval_data: list, metric_fn: Callable) -> tuple[float, np.ndarray]:
+    """Return (metric mean, per-sample scores) of ``model`` on ``eval_data``."""
+    s = score(metric_fn, *run_outputs(model, eval_data))
+    return float(s.mean()), s
