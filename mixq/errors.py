@@ -29,6 +29,10 @@ class PlanError(MixqError, ValueError):
     """A plan that does not fit the model (missing layers, bad JSON, wrong backend)."""
 
 
+class ConfigError(MixqError, ValueError):
+    """An option value that is out of range or unknown (descriptor fields, CLI options)."""
+
+
 class CalibrationError(MixqError, ValueError):
     """Calibration data that cannot calibrate (empty, NaN/Inf) or a quantizer used before calibration."""
 

@@ -17,7 +17,7 @@ from torch import nn
 from mixq.errors import CalibrationError, MixqError, ModelError
 from mixq.formats import get_backend, get_format
 from mixq.plan import QuantPlan
-from mixq.quant.graph import QuantFollower, followers, prepare_fx, units
+from mixq.quant.graph import followers, prepare_fx, reset_quant_module, units
 from mixq.quant.modules import QUANT_MAP, QuantMixin, from_float
 
 MODES = ("auto", "fx", "module")
@@ -96,6 +96,9 @@ def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", conc
 
 def _prepare_modules(model: nn.Module, backend: str) -> nn.Module:
     qmodel = copy.deepcopy(model)
+    for m in qmodel.modules():
+        if isinstance(m, QuantMixin):
+            reset_quant_module(m, backend)
     swap = [(n, m) for n, m in qmodel.named_modules() if type(m) in QUANT_MAP and n]
     if type(qmodel) in QUANT_MAP:
         return from_float(qmodel, backend=backend, formats=())

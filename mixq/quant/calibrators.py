@@ -48,7 +48,7 @@ class Calibrator:
         raise NotImplementedError
 
     def reset(self) -> None:
-        self.__init__(self.axis)
+        self.__init__(axis=self.axis)
 
     def _require_data(self) -> None:
         if self.num_batches == 0:
@@ -68,6 +68,8 @@ class MaxCalibrator(Calibrator):
 
     def collect(self, x: torch.Tensor) -> None:
         x = x.detach().float()
+        if x.numel() == 0:
+            return
         check_finite(x)
         dims = reduce_dims(x, self.axis)
         lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from mixq.errors import MixqError
+from mixq.errors import ConfigError
 from mixq.formats import TensorScheme
 
 CALIB_METHODS = ("max", "entropy", "percentile", "mse")
@@ -46,13 +46,13 @@ class QuantDescriptor:
         if self.calib_method == "histogram":
             object.__setattr__(self, "calib_method", "entropy")
         if self.calib_method not in CALIB_METHODS:
-            raise MixqError(
+            raise ConfigError(
                 f"unknown calib_method {self.calib_method!r}; valid methods are {', '.join(CALIB_METHODS)}."
             )
         if not self.fp8 and not 2 <= self.num_bits <= 16:
-            raise MixqError(f"num_bits must be between 2 and 16, but got {self.num_bits}.")
+            raise ConfigError(f"num_bits must be between 2 and 16, but got {self.num_bits}.")
         if not 0.0 < self.percentile <= 100.0:
-            raise MixqError(f"percentile must be in (0, 100], but got {self.percentile}.")
+            raise ConfigError(f"percentile must be in (0, 100], but got {self.percentile}.")
 
     @classmethod
     def from_scheme(cls, scheme: TensorScheme, calib_method: str = "max") -> "QuantDescriptor":

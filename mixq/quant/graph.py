@@ -71,6 +71,10 @@ class ScopeTracer(fx.Tracer):
         finally:
             self._scope.pop()
 
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # Quant modules built by quant_modules.initialize() are units already: keep them whole.
+        return isinstance(m, QuantMixin) or super().is_leaf_module(m, module_qualified_name)
+
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         node.meta["scope"] = self._scope[-1] if self._scope else ""
@@ -188,7 +192,10 @@ def insert_quant_modules(gm: fx.GraphModule, backend: str = DEFAULT_BACKEND, fol
     for node in list(gm.graph.nodes):
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
-            if type(m) in QUANT_MAP and node.target not in swapped:
+            if isinstance(m, QuantMixin) and node.target not in swapped:
+                reset_quant_module(m, be.name)
+                swapped.add(node.target)
+            elif type(m) in QUANT_MAP and node.target not in swapped:
                 _set_module(gm, node.target, from_float(m, **kw))
                 swapped.add(node.target)
             elif type(m) in MAXPOOL_MODULES and not m.return_indices:
@@ -209,6 +216,12 @@ def insert_quant_modules(gm: fx.GraphModule, backend: str = DEFAULT_BACKEND, fol
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def reset_quant_module(m: QuantMixin, backend: str) -> None:
+    """Re-initialise a quant module built elsewhere (quant_modules.initialize) for ``backend``, no formats."""
+    d_in, d_w = m._desc_overrides
+    m.init_quantizer(backend=backend, formats=(), quant_desc_input=d_in, quant_desc_weight=d_w)
 
 
 def _functional_unit(gm: fx.GraphModule, node: fx.Node, namer: _Namer, kw: dict):

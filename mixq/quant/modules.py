@@ -9,6 +9,7 @@ pytorch-quantization user expects.
 """
 from __future__ import annotations
 
+import copy
 from typing import ClassVar, Optional, Sequence
 
 import torch
@@ -145,7 +146,7 @@ class QuantMixin:
             q.disable_calib()
             q.enable_quant()
             if q._calibrator is not None and q._calibrator.num_batches > 0:
-                q.load_calib_amax(method)
+                q.load_calib_amax()  # the descriptor's method (fp8 and per-channel ranges are always max)
         self.calibrate_weights()
 
     def calibrate_weights(self) -> None:
@@ -426,11 +427,10 @@ def from_float(module: nn.Module, **quant_kwargs) -> nn.Module:
     """
     qcls = QUANT_MAP[type(module)]
     q = qcls.__new__(qcls)
-    q.__dict__.update({k: v for k, v in module.__dict__.items()})
-    # Fresh containers so the float module is left untouched.
-    q._parameters = dict(module._parameters)
-    q._buffers = dict(module._buffers)
-    q._modules = dict(module._modules)
+    # Fresh containers (parameter/buffer/module dicts, hook dicts, the non-persistent buffer set,
+    # RNN weight lists) so the float module is left untouched; the tensors themselves are shared.
+    q.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, list, set)) else v
+                       for k, v in module.__dict__.items()})
     q._forward_hooks = type(module._forward_hooks)()
     q._forward_pre_hooks = type(module._forward_pre_hooks)()
     q.init_quantizer(**quant_kwargs)

@@ -13,7 +13,7 @@ from torch import nn
 
 from mixq.errors import CalibrationError
 from mixq.quant import tensor_quant as tq
-from mixq.quant.calibrators import Calibrator, make_calibrator
+from mixq.quant.calibrators import Calibrator, MaxCalibrator, make_calibrator
 from mixq.quant.descriptor import QuantDescriptor
 
 
@@ -104,17 +104,26 @@ class TensorQuantizer(nn.Module):
         if self._calibrator is None:
             raise CalibrationError("load_calib_amax() called before any calibration: call enable_calib() and run data.")
         method = method or self.desc.calib_method
+        if isinstance(self._calibrator, MaxCalibrator) and method != "max":
+            raise CalibrationError(
+                f"calib method {method!r} needs histogram statistics, but this quantizer collected max statistics "
+                f"({'per-channel' if self.desc.axis is not None else 'fp8' if self.desc.fp8 else 'max'}); "
+                "recalibrate with a descriptor whose calib_method is the one you want.")
         kwargs.setdefault("percentile", self.desc.percentile)
         if self.desc.asymmetric:
             lo, hi = self._calibrator.compute_range(method=method, num_bits=self.desc.num_bits, **kwargs)
             scale, zp = tq.affine_qparams(lo, hi, self.desc.num_bits)
-            self._scale, self._zero_point = scale, zp
+            self._scale, self._zero_point = self._per_tensor_scalar(scale), self._per_tensor_scalar(zp)
         else:
             amax = self._calibrator.compute_amax(method=method, num_bits=self.desc.num_bits,
                                                  unsigned=self.desc.unsigned, **kwargs)
-            self._amax = amax.detach().float().clone()
+            self._amax = self._per_tensor_scalar(amax.detach().float().clone())
             if self.desc.learn_amax:
                 self.init_learn_amax()
+
+    def _per_tensor_scalar(self, t: torch.Tensor) -> torch.Tensor:
+        # A keepdim (1, 1, ...) range would broadcast a lower-rank input up to its rank.
+        return t.reshape(()) if self.desc.axis is None and t.numel() == 1 else t
 
     def set_amax(self, amax: torch.Tensor | float) -> None:
         """Set a symmetric range directly (for weights, or ranges computed elsewhere)."""
@@ -132,7 +141,18 @@ class TensorQuantizer(nn.Module):
 
     def reset_calibration(self) -> None:
         self._calibrator = None
+        self._learned = None
         self._amax = self._scale = self._zero_point = None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Ranges are None until calibration; a calibrated state_dict fills them in whatever their shape.
+        for name in ("_amax", "_scale", "_zero_point"):
+            key = prefix + name
+            if key in state_dict:
+                self._buffers[name] = state_dict[key].detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # ----------------------------------------------------------------- forward
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:

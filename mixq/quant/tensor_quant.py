@@ -29,13 +29,18 @@ def _safe_amax(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(dead, torch.ones_like(amax), amax.abs()), dead
 
 
+def _bound_over(bound: float, amax: torch.Tensor) -> torch.Tensor:
+    """``bound / amax`` correctly rounded (``float / tensor`` in torch multiplies by ``1 / amax``)."""
+    return torch.full_like(amax, bound) / amax
+
+
 def quant_codes(inputs: torch.Tensor, amax: torch.Tensor, num_bits: int = 8, unsigned: bool = False,
                 narrow_range: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (integer codes as float, scale) of symmetric quantization, without gradient."""
     amax = torch.as_tensor(amax, dtype=torch.float32, device=inputs.device)
     lo, hi = int_bounds(num_bits, unsigned, narrow_range)
     safe, dead = _safe_amax(amax)
-    scale = hi / safe
+    scale = _bound_over(hi, safe)
     codes = torch.clamp(torch.round(inputs.float() * scale), lo, hi)
     return torch.where(dead, torch.zeros_like(codes), codes), scale
 
@@ -56,7 +61,7 @@ class _FakeTensorQuant(torch.autograd.Function):
         inputs, amax = ctx.saved_tensors
         lo, hi = ctx.bounds
         safe, _ = _safe_amax(amax)
-        scaled = inputs * (hi / safe)
+        scaled = inputs * _bound_over(hi, safe)
         # Straight-through inside the representable range, zero where the input was clipped.
         inside = (scaled >= lo - 0.5) & (scaled <= hi + 0.5)
         return grad * inside.to(grad.dtype), None, None, None, None
@@ -135,7 +140,7 @@ class _FakeFP8(torch.autograd.Function):
     def forward(ctx, inputs, amax):
         amax = torch.as_tensor(amax, dtype=torch.float32, device=inputs.device)
         safe, dead = _safe_amax(amax)
-        scale = FP8_E4M3_MAX / safe
+        scale = _bound_over(FP8_E4M3_MAX, safe)
         scaled = torch.clamp(inputs.float() * scale, -FP8_E4M3_MAX, FP8_E4M3_MAX)
         out = (scaled.to(torch.float8_e4m3fn).float() / scale).to(inputs.dtype)
         ctx.save_for_backward(inputs, safe)
