@@ -59,6 +59,7 @@ def save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(state, fh)
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a cache is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
