@@ -55,6 +55,13 @@ def test_functional_calls_become_units_named_after_their_module():
     assert isinstance(units(mixq.quantize(model, "int8", calib_data=calib))["cat"], QuantCat)
 
 
+def test_adds_of_constants_and_masks_stay_float():
+    model, calib, _ = build("attention")
+    q = mixq.quantize(model, "int8", calib_data=calib)
+    adds = [n for n, k in q.mixq.kinds.items() if k == "add"]
+    assert adds == ["add"], adds  # the residual add; the mask add (scores + mask) is not a unit
+
+
 def test_reused_module_is_one_unit_called_twice():
     model, _, x = build("reused")
     inv = {l.name: l for l in mixq.inventory(model, x)}

@@ -67,17 +67,19 @@ class ConcatNet(nn.Module):
 
 
 class TinyAttention(nn.Module):
-    """Single-head self-attention with torch.matmul for scores and context."""
+    """Single-head self-attention: torch.matmul for scores and context, an additive mask, a residual."""
 
     def __init__(self, d: int = 16) -> None:
         super().__init__()
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.inp, self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(5))
         self.scale = d ** -0.5
 
     def forward(self, x):
-        scores = torch.matmul(self.q(x), self.k(x).transpose(-1, -2)) * self.scale
-        ctx = torch.matmul(scores.softmax(-1), self.v(x))
-        return self.o(ctx) + x
+        h = self.inp(x)
+        mask = (x[..., :1].transpose(-1, -2) > 2.0).float() * -10000.0  # masks a few keys
+        scores = torch.matmul(self.q(h), self.k(h).transpose(-1, -2)) * self.scale + mask
+        ctx = torch.matmul(scores.softmax(-1), self.v(h))
+        return self.o(ctx) + h
 
 
 class Decoder(nn.Module):

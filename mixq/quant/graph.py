@@ -189,9 +189,17 @@ def insert_quant_modules(gm: fx.GraphModule, backend: str = DEFAULT_BACKEND, fol
     namer = _Namer(gm)
     kw = dict(backend=be.name, formats=())
     swapped: set[str] = set()
+    # Nodes computed from the output of a weighted layer. Functional ops are units only when every
+    # tensor input is such an activation: an attention-mask add (scores + -1e4 * mask) or an embedding
+    # sum would otherwise get an int8 range dominated by constants, and engines keep those in float.
+    activations: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
+        if any(a in activations for a in node.all_input_nodes):
+            activations.add(node)
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
+            if type(m) in QUANT_MAP or isinstance(m, QuantMixin):
+                activations.add(node)
             if isinstance(m, QuantMixin) and node.target not in swapped:
                 reset_quant_module(m, be.name)
                 swapped.add(node.target)
@@ -202,14 +210,16 @@ def insert_quant_modules(gm: fx.GraphModule, backend: str = DEFAULT_BACKEND, fol
                 pool_kwargs = {a: getattr(m, a) for a in _POOL_ARGS[:-1]}
                 _set_module(gm, node.target, QuantMaxPool(nd=MAXPOOL_MODULES[type(m)], pool_kwargs=pool_kwargs, **kw))
             continue
-        new = _functional_unit(gm, node, namer, kw)
-        if new is None:
+        new = _functional_unit(node, kw)
+        if new is None or not all(a in activations for a in new[2]):
             continue
-        name, qmod, args = new
+        op, qmod, args = new
+        name = namer(node.meta.get("scope", ""), op)
         gm.add_submodule(name, qmod)
         with gm.graph.inserting_after(node):
             repl = gm.graph.call_module(name, args=args)
         repl.meta.update(node.meta)
+        activations.add(repl)
         node.replace_all_uses_with(repl)
         gm.graph.erase_node(node)
     _apply_placement(gm, be.name, kw)
@@ -224,27 +234,26 @@ def reset_quant_module(m: QuantMixin, backend: str) -> None:
     m.init_quantizer(backend=backend, formats=(), quant_desc_input=d_in, quant_desc_weight=d_w)
 
 
-def _functional_unit(gm: fx.GraphModule, node: fx.Node, namer: _Namer, kw: dict):
-    """Return (name, quant module, call args) if ``node`` is a quantizable functional call."""
-    scope = node.meta.get("scope", "")
+def _functional_unit(node: fx.Node, kw: dict):
+    """Return (op name, quant module, call args) if ``node`` is a quantizable functional call."""
     tgt = node.target
     if node.op == "call_function" and tgt in ADD_FUNCS or node.op == "call_method" and tgt == "add":
         a, b = node.args[:2] if len(node.args) >= 2 else (None, None)
         if isinstance(a, fx.Node) and isinstance(b, fx.Node) and not node.kwargs:
-            return namer(scope, "add"), QuantAdd(**kw), (a, b)
+            return "add", QuantAdd(**kw), (a, b)
     elif node.op == "call_function" and tgt in MATMUL_FUNCS or node.op == "call_method" and tgt == "matmul":
         a, b = node.args[:2]
         if isinstance(a, fx.Node) and isinstance(b, fx.Node):
-            return namer(scope, "matmul"), QuantMatMul(**kw), (a, b)
+            return "matmul", QuantMatMul(**kw), (a, b)
     elif node.op == "call_function" and tgt in CAT_FUNCS:
         tensors = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         if isinstance(tensors, (list, tuple)) and all(isinstance(t, fx.Node) for t in tensors) and isinstance(dim, int):
-            return namer(scope, "cat"), QuantCat(dim=dim, num_inputs=len(tensors), **kw), tuple(tensors)
+            return "cat", QuantCat(dim=dim, num_inputs=len(tensors), **kw), tuple(tensors)
     elif node.op == "call_function" and tgt in MAXPOOL_FUNCS:
         pool_kwargs = dict(zip(_POOL_ARGS, node.args[1:]), **node.kwargs)
         if not pool_kwargs.pop("return_indices", False) and isinstance(node.args[0], fx.Node):
-            return (namer(scope, "max_pool"), QuantMaxPool(nd=MAXPOOL_FUNCS[tgt], pool_kwargs=pool_kwargs, **kw),
+            return ("max_pool", QuantMaxPool(nd=MAXPOOL_FUNCS[tgt], pool_kwargs=pool_kwargs, **kw),
                     (node.args[0],))
     return None
 
