@@ -180,7 +180,8 @@ BACKENDS: dict[str, Backend] = {
             "lstm": ("fp16", "bf16", "int8"),
             "lstm_cell": ("fp16", "bf16", "int8"),
         },
-        activation=TensorScheme(num_bits=8, unsigned=False, narrow_range=True),
+        # TensorRT saturates activations to [-128, 127]; weights use the symmetric narrow range.
+        activation=TensorScheme(num_bits=8, unsigned=False, narrow_range=False),
         weight=TensorScheme(num_bits=8, unsigned=False, narrow_range=True, axis=0),
         quantize_outputs=False,
     ),

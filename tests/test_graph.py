@@ -167,3 +167,10 @@ def test_follower_tracks_owner_format():
 
 def test_zoo_covers_the_issue_list():
     assert set(ZOO) >= {"functional", "residual", "concat", "attention", "decoder", "lstm", "reused", "control_flow"}
+
+
+def test_reused_module_keeps_its_own_output_quantizer_on_ort():
+    model, calib, x = build("reused")
+    q = mixq.quantize(model, "int8", backend="ort-cpu", calib_data=calib)
+    assert units(q)["shared"].quantize_output
+    assert not any(isinstance(f, QuantFollower) and f.owner == "shared" for f in q.modules())

@@ -261,6 +261,10 @@ def _functional_unit(node: fx.Node, kw: dict):
 def _apply_placement(gm: fx.GraphModule, backend: str, kw: dict) -> None:
     be = get_backend(backend)
     namer = _Namer(gm)
+    calls = defaultdict(int)
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] += 1
     for node in list(gm.graph.nodes):
         m = _module(gm, node)
         if not isinstance(m, QuantMixin):
@@ -271,7 +275,8 @@ def _apply_placement(gm: fx.GraphModule, backend: str, kw: dict) -> None:
                 # The first conv-produced input fuses with the Add; Q/DQ goes on the other (residual) one.
                 first = convs.index(True)
                 m.input_mask = [i != first for i in range(2)]
-        if be.quantize_outputs and m.quantize_output and len(node.users) == 1:
+        # A module called more than once keeps its output quantizer: one follower cannot serve every call.
+        if be.quantize_outputs and m.quantize_output and len(node.users) == 1 and calls[node.target] == 1:
             user = next(iter(node.users))
             if _is_relu(gm, user):
                 name = namer(node.meta.get("scope", "") if node.op != "call_module" else node.target, "output_quant")

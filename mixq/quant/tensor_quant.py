@@ -4,6 +4,11 @@ Formulas follow pytorch-quantization so its users get the same codes:
 ``scale = bound / amax``, ``code = clamp(round_half_even(x * scale), min_bound, bound)``,
 ``x_hat = code / scale``. The gradient passes straight through inside the clipping range and is
 zero outside it. An ``amax`` below 2^-24 (a dead channel) quantizes to zero, never NaN.
+
+Engines compute ``round(x / step)`` with the float32 ``step = amax / bound`` instead of
+``round(x * (bound / amax))``; the two differ by one code only where ``x * bound / amax`` lands
+within a float32 rounding of a .5 tie. The reference codes users check against are
+pytorch-quantization's, so mixq keeps its formula; ``mixq verify`` reports the difference in steps.
 """
 from __future__ import annotations
 

@@ -1,0 +1,134 @@
+"""Deploy subcommands: ``mixq export`` and ``mixq verify`` (registered by ``mixq.cli``).
+
+    mixq export [--plan PLAN.json | --format int8] [--out MODEL.onnx] [--opset N]
+        -> MODEL.onnx (default RUN/model-<plan>.onnx) and RUN/export.json (Q/DQ and integer-kernel counts)
+    mixq verify [--plan PLAN.json | --format int8] [--threads 1] [--no-noise-floor]
+        -> RUN/verify-<plan>.json: engine vs simulation on the evaluation set; exit status 1 if the
+           targets (top-1 agreement >= 99.5%, |metric difference| <= 0.2 points) are missed
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from mixq.errors import MixqError
+
+
+def register(sub, add_task_args: Callable, task_of: Callable, run_dir_of: Callable) -> None:
+    """Add the ``export`` and ``verify`` subcommands to ``sub`` (an argparse subparsers object)."""
+    e = sub.add_parser("export", help="write the ONNX model of a plan: Q/DQ with mixq's scales where it quantizes")
+    add_task_args(e)
+    _plan_args(e)
+    e.add_argument("--out", default=None, help="ONNX file to write (default: RUN/model-<plan>.onnx)")
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17 for ort-cpu, 21 for tensorrt)")
+    e.set_defaults(func=lambda a: cmd_export(a, task_of, run_dir_of))
+    v = sub.add_parser("verify", help="run the evaluation set on ONNX Runtime and the simulation; compare")
+    add_task_args(v)
+    _plan_args(v)
+    v.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    v.add_argument("--output-kind", default="auto", help="auto, classifier, embedding or other")
+    v.add_argument("--no-noise-floor", action="store_true",
+                   help="skip the float64-vs-float32 simulation comparison (the achievable agreement)")
+    v.set_defaults(func=lambda a: cmd_verify(a, task_of, run_dir_of))
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", default=None, help="a plan JSON file (its backend decides the ONNX flavour)")
+    p.add_argument("--format", default="int8", help="format for every layer when no --plan is given")
+    p.add_argument("--calib-method", default=None, help="override the plan's calibration method")
+
+
+def _plan(args: argparse.Namespace):
+    from mixq.plan import QuantPlan
+
+    if args.plan:
+        plan = QuantPlan.load(args.plan)
+    else:
+        plan = QuantPlan.uniform(args.format, args.backend)
+    if args.calib_method:
+        plan = QuantPlan(backend=plan.backend, default=plan.default, layers=plan.layers, calib_method=args.calib_method)
+    label = Path(args.plan).stem if args.plan else f"{plan.backend}-{plan.default}"
+    return plan, label
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Raise ExportError now, before any work, if ``path`` cannot be written."""
+    from mixq.export import ExportError
+
+    p = Path(path)
+    if p.is_dir():
+        raise ExportError(f"output path {str(p)!r} is a folder; give a file name such as {str(p / 'model.onnx')!r}.")
+    parent = p.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create the folder {str(parent)!r} for {str(p)!r}: {e.strerror or e}.") from None
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ExportError(f"output path {str(p)!r} is not writable; choose another --out.")
+    return p
+
+
+def _quantized(task, plan):
+    from mixq.quantize import quantize
+
+    calib = task.calib_fn()
+    if not calib:
+        raise MixqError("the calibration loader yielded no batch; export needs calibration data.")
+    model = task.model_fn()
+    return quantize(model, plan, calib_data=calib, calib_method=plan.calib_method), calib
+
+
+def cmd_export(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable) -> int:
+    from mixq.artifacts import write_atomic
+    from mixq.export import apply_plan, check_opset, export_float_graph, qdq_summary, save_onnx
+
+    task = task_of(args)
+    plan, label = _plan(args)
+    if args.opset is not None:
+        check_opset(plan.backend, args.opset)
+    d = run_dir_of(args, task)
+    out = check_writable(args.out or d / f"model-{label}.onnx")
+    q, calib = _quantized(task, plan)
+    t0 = time.perf_counter()
+    graph = export_float_graph(q, calib[0], args.opset)
+    t1 = time.perf_counter()
+    model = apply_plan(graph, q, plan)
+    t2 = time.perf_counter()
+    save_onnx(model, out)
+    info = {"task": task.name, "plan": plan.to_dict(), "onnx": str(out), "backend": graph.backend, "opset": graph.opset,
+            "float_graph_seconds": t1 - t0, "plan_seconds": t2 - t1, "nodes": qdq_summary(model)}
+    print(f"{task.name}: wrote {out} ({graph.backend}, opset {graph.opset}; float graph {t1 - t0:.2f} s, "
+          f"plan {1e3 * (t2 - t1):.0f} ms; {info['nodes']})")
+    if graph.backend == "ort-cpu":
+        from mixq.engine.ort import build
+        from mixq.export import resolve_plan
+
+        quantized = [u for u, f in resolve_plan(graph, plan).items() if f != "fp32"]
+        kc = build(model).kernel_counts(graph.unit_nodes, quantized)
+        info["kernels"] = kc.to_dict()
+        print(f"ONNX Runtime CPU: {kc.summary()}")
+    write_atomic(d / "export.json", json.dumps(info, indent=1))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable) -> int:
+    from mixq.artifacts import write_atomic
+    from mixq.verify import verify
+
+    task = task_of(args)
+    plan, label = _plan(args)
+    d = run_dir_of(args, task)
+    q, calib = _quantized(task, plan)
+    evald = task.eval_fn()
+    res = verify(q, plan, evald, task.metric_fn, threads=args.threads, output_kind=args.output_kind,
+                 noise_floor=not args.no_noise_floor)
+    print(f"{task.name} ({label}): {res.summary()}")
+    if res.kernels and res.kernels.get("units_float"):
+        print(f"warning: quantized layers that stayed float on ONNX Runtime: {', '.join(res.kernels['units_float'])}")
+    out = write_atomic(d / f"verify-{label}.json", json.dumps({"task": task.name, **res.to_dict()}, indent=1))
+    print(f"wrote {out}")
+    return 0 if res.passed else 1

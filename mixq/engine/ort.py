@@ -1,0 +1,426 @@
+"""ONNX Runtime on the CPU provider: build a session from an exported model, run it, time it,
+and count which layers became integer kernels.
+
+The interface is deliberately narrow: ``build(onnx_model) -> OrtEngine``, ``OrtEngine.run(inputs)``,
+``OrtEngine.latency(batch, runs, warmup)`` and ``OrtEngine.kernel_counts()``. ``PlanLatency``
+measures plans through ``mixq.export`` with a cache keyed by the resolved plan, so a search never
+measures the same plan twice.
+
+``build`` disables two optimizers by default: ``DoubleQDQPairsRemover`` merges two consecutive Q/DQ
+pairs with different numbers into one pair (which does not round like the simulation), and
+``WeightBiasQuantization`` quantizes the float weights of a layer the plan keeps float when its
+neighbours are quantized.
+
+ONNX Runtime 1.31 note: ``MatMulAddFusion`` turns ``DQ -> MatMul -> Add`` without an output Q into
+a float Gemm whose bias is not dequantized, which the QDQ selectors then reject (a quantized layer
+silently runs in float), and partial graphs have been reported to fail to load with it. ``build``
+retries a failed load with that optimizer disabled as well, and ``kernel_counts`` reports every
+quantized layer that stayed float.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import onnx
+
+from mixq.errors import MixqError
+
+# Kernels that compute on integers (what a quantized layer should become on the CPU provider).
+INTEGER_OPS = frozenset({
+    "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool",
+    "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearSoftmax", "QLinearLeakyRelu", "QLinearReduceMean",
+    "QLinearWhere", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulNBits",
+    "QAttention", "QEmbedLayerNormalization", "QLinearConvTranspose",
+})
+# Ops that only move or reshape data: on a uint8 tensor they are not a loss.
+_MOVE_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Identity",
+                       "MaxPool", "NhwcMaxPool", "Split", "Expand", "Tile", "Resize", "Pad", "Concat",
+                       "ReorderInput", "ReorderOutput"})
+LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+          "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}
+DEFAULT_THREADS = 1
+MATMUL_ADD_FUSION = "MatMulAddFusion"
+# Q1 -> DQ1 -> Q2 -> DQ2 with different numbers is merged into one pair with new numbers, which rounds
+# differently from the two requantizations the simulation (and the exported graph) performs.
+# WeightBiasQuantization quantizes the float weight of a Conv/Gemm sitting between a DQ and a Q: a
+# layer the plan keeps float would run int8.
+DEFAULT_DISABLED = ("DoubleQDQPairsRemover", "WeightBiasQuantization")
+
+
+class EngineError(MixqError, RuntimeError):
+    """ONNX Runtime could not load or run a model."""
+
+
+def _ort():
+    import onnxruntime
+
+    return onnxruntime
+
+
+def session_options(threads: int = DEFAULT_THREADS, level: str = "all", optimized_path: Optional[str] = None,
+                    qdq_fusion: bool = True):
+    """SessionOptions with a fixed thread count, sequential execution and an optimization level.
+
+    ``qdq_fusion=False`` keeps Q/DQ nodes as they are (no QLinear* kernels): how a TensorRT-flavour
+    model (int8 symmetric, FP8, blocked INT4) is run on the CPU to check its numbers.
+
+    Raises:
+        EngineError: an unknown level or a thread count below 1.
+    """
+    ort = _ort()
+    if level not in LEVELS:
+        raise EngineError(f"unknown optimization level {level!r}; valid levels are {', '.join(LEVELS)}.")
+    if not isinstance(threads, int) or threads < 1:
+        raise EngineError(f"threads must be an integer >= 1, but got {threads!r}.")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
+    so.log_severity_level = 3  # the layout-transform warning on every dump is noise here
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    if not qdq_fusion:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+    return so
+
+
+def _as_bytes(model: onnx.ModelProto | bytes | str | os.PathLike) -> bytes:
+    if isinstance(model, onnx.ModelProto):
+        return model.SerializeToString()
+    if isinstance(model, (bytes, bytearray)):
+        return bytes(model)
+    with open(model, "rb") as f:
+        return f.read()
+
+
+def _session(data: bytes, threads: int, level: str, disabled: Sequence[str], optimized_path: Optional[str] = None,
+             qdq_fusion: bool = True):
+    ort = _ort()
+    so = session_options(threads, level, optimized_path, qdq_fusion)
+    kw = {"disabled_optimizers": list(disabled)} if disabled else {}
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"], **kw)
+
+
+@dataclass
+class KernelCounts:
+    """What the CPU provider made of a model after its graph optimizations.
+
+    Attributes:
+        integer: op type -> count of integer kernels (QLinearConv, QGemm, MatMulIntegerToFloat ...).
+        float_qdq: op type -> count of float compute nodes fed by a DequantizeLinear or feeding a
+            QuantizeLinear (Q/DQ around a float op).
+        quantize / dequantize: remaining QuantizeLinear / DequantizeLinear nodes.
+        float_total: every other compute node.
+        units_integer / units_float / units_unknown: quantized units whose main node is an
+            integer kernel / stayed a float op (a silent loss) / was not found after fusion.
+    """
+
+    integer: dict[str, int] = field(default_factory=dict)
+    float_qdq: dict[str, int] = field(default_factory=dict)
+    quantize: int = 0
+    dequantize: int = 0
+    float_total: int = 0
+    units_integer: list[str] = field(default_factory=list)
+    units_float: list[str] = field(default_factory=list)
+    units_unknown: list[str] = field(default_factory=list)
+
+    @property
+    def num_integer(self) -> int:
+        return sum(self.integer.values())
+
+    @property
+    def num_float_qdq(self) -> int:
+        return sum(self.float_qdq.values())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["num_integer"], d["num_float_qdq"] = self.num_integer, self.num_float_qdq
+        return d
+
+    def summary(self) -> str:
+        ints = ", ".join(f"{k} {v}" for k, v in sorted(self.integer.items())) or "none"
+        flt = ", ".join(f"{k} {v}" for k, v in sorted(self.float_qdq.items())) or "none"
+        s = f"integer kernels: {self.num_integer} ({ints}); float ops with Q/DQ around: {self.num_float_qdq} ({flt})"
+        if self.units_float:
+            s += f"; QUANTIZED LAYERS THAT STAYED FLOAT: {', '.join(self.units_float)}"
+        return s
+
+
+def count_kernels(optimized: onnx.ModelProto, unit_nodes: Optional[Mapping[str, Sequence[str]]] = None,
+                  quantized: Sequence[str] = ()) -> KernelCounts:
+    """Classify the nodes of an optimized model (see ``KernelCounts``)."""
+    producer = {o: n for n in optimized.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in optimized.graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    kc = KernelCounts()
+    integer, fqdq = Counter(), Counter()
+    by_name = {}
+    for n in optimized.graph.node:
+        # The layout transformer renames the nodes it rewrites "<name>_token_<k>".
+        by_name.setdefault(re.sub(r"(_token_\d+)+$", "", n.name), n)
+
+    def near_qdq(n) -> bool:
+        fed = any(producer.get(t) is not None and producer[t].op_type == "DequantizeLinear" for t in n.input)
+        feeds = any(c.op_type == "QuantizeLinear" for t in n.output for c in consumers.get(t, []))
+        return fed or feeds
+
+    for n in optimized.graph.node:
+        if n.op_type in INTEGER_OPS:
+            integer[n.op_type] += 1
+        elif n.op_type == "QuantizeLinear":
+            kc.quantize += 1
+        elif n.op_type == "DequantizeLinear":
+            kc.dequantize += 1
+        elif n.op_type in _MOVE_OPS or n.op_type in ("Shape", "Constant", "Cast"):
+            continue
+        elif near_qdq(n):
+            fqdq[n.op_type] += 1
+        else:
+            kc.float_total += 1
+    kc.integer, kc.float_qdq = dict(integer), dict(fqdq)
+    for unit in quantized:
+        names = list((unit_nodes or {}).get(unit, ()))
+        node = by_name.get(names[0]) if names else None
+        if node is None:
+            kc.units_unknown.append(unit)
+        elif node.op_type in INTEGER_OPS:
+            kc.units_integer.append(unit)
+        elif node.op_type in _MOVE_OPS and not any(
+                producer.get(t) is not None and producer[t].op_type == "DequantizeLinear" for t in node.input):
+            kc.units_integer.append(unit)  # e.g. MaxPool running on uint8
+        else:
+            kc.units_float.append(unit)
+    return kc
+
+
+class OrtEngine:
+    """An ONNX Runtime CPU session for one exported model.
+
+    Attributes:
+        session: the ``onnxruntime.InferenceSession``.
+        input_names / output_names: graph I/O in order.
+        threads / level / disabled_optimizers: how it was built.
+    """
+
+    def __init__(self, data: bytes, threads: int = DEFAULT_THREADS, level: str = "all",
+                 disabled_optimizers: Sequence[str] = (), example_inputs: Any = None, qdq_fusion: bool = True) -> None:
+        self._data = data
+        self.threads, self.level, self.qdq_fusion = threads, level, qdq_fusion
+        self.disabled_optimizers = list(disabled_optimizers)
+        self.session = _session(data, threads, level, self.disabled_optimizers, qdq_fusion=qdq_fusion)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._example = None if example_inputs is None else self.feed(example_inputs)
+
+    # ------------------------------------------------------------------ run
+    def feed(self, inputs: Any) -> dict[str, np.ndarray]:
+        """Map a batch (Tensor, array, tuple of them, or dict by name) to the session's inputs.
+
+        Raises:
+            EngineError: the number or names of the inputs do not match the model.
+        """
+        if isinstance(inputs, Mapping):
+            missing = [n for n in self.input_names if n not in inputs]
+            if missing:
+                raise EngineError(f"inputs lack {missing}; the model's inputs are {self.input_names}.")
+            return {n: _numpy(inputs[n]) for n in self.input_names}
+        items = list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
+        if len(items) != len(self.input_names):
+            raise EngineError(f"got {len(items)} input(s) but the model takes {len(self.input_names)} "
+                              f"({', '.join(self.input_names)}).")
+        return {n: _numpy(x) for n, x in zip(self.input_names, items)}
+
+    def run(self, inputs: Any) -> list[np.ndarray]:
+        """Run one batch; return the outputs as numpy arrays, in the model's output order."""
+        try:
+            return self.session.run(None, self.feed(inputs))
+        except MixqError:
+            raise
+        except Exception as e:
+            raise EngineError(f"ONNX Runtime failed to run the model: {e}") from e
+
+    # ------------------------------------------------------------------ latency
+    def batch_inputs(self, batch: int, inputs: Any = None) -> dict[str, np.ndarray]:
+        """Inputs of batch size ``batch``: ``inputs`` or the build example tiled/sliced, else synthetic.
+
+        Raises:
+            EngineError: a non-batch dimension is symbolic and no example inputs were given.
+        """
+        base = self.feed(inputs) if inputs is not None else self._example
+        if base is not None:
+            return {n: _resize_batch(a, batch) for n, a in base.items()}
+        rng = np.random.default_rng(0)
+        feed = {}
+        for i in self.session.get_inputs():
+            shape = []
+            for k, d in enumerate(i.shape):
+                if isinstance(d, int):
+                    shape.append(d)
+                elif k == 0:
+                    shape.append(batch)
+                else:
+                    raise EngineError(f"input {i.name!r} has a symbolic dimension {d!r}; pass example inputs to "
+                                      "build() or latency() so mixq knows its size.")
+            if "float" in i.type:
+                feed[i.name] = rng.standard_normal(shape).astype(np.float16 if "16" in i.type else np.float32)
+            elif "int64" in i.type:
+                feed[i.name] = np.ones(shape, np.int64)
+            elif "int32" in i.type:
+                feed[i.name] = np.ones(shape, np.int32)
+            else:
+                raise EngineError(f"cannot make a synthetic input of type {i.type} for {i.name!r}; pass example inputs.")
+        return feed
+
+    def latency(self, batch: int = 1, runs: int = 100, warmup: int = 10, inputs: Any = None) -> dict:
+        """Time ``runs`` runs after ``warmup`` untimed ones.
+
+        Returns:
+            dict(median_ms, p25, p75, iqr_ms, mean_ms, min_ms, runs, batch, threads).
+
+        Raises:
+            EngineError: runs < 1 or warmup < 0.
+        """
+        if runs < 1 or warmup < 0:
+            raise EngineError(f"runs must be >= 1 and warmup >= 0, but got runs={runs}, warmup={warmup}.")
+        feed = self.batch_inputs(batch, inputs)
+        run = self.session.run
+        for _ in range(warmup):
+            run(None, feed)
+        times = np.empty(runs)
+        for k in range(runs):
+            t0 = time.perf_counter()
+            run(None, feed)
+            times[k] = time.perf_counter() - t0
+        ms = times * 1e3
+        p25, med, p75 = np.percentile(ms, [25, 50, 75])
+        return {"median_ms": float(med), "p25": float(p25), "p75": float(p75), "iqr_ms": float(p75 - p25),
+                "mean_ms": float(ms.mean()), "min_ms": float(ms.min()), "runs": runs, "batch": batch,
+                "threads": self.threads}
+
+    # ------------------------------------------------------------------ kernels
+    def optimized_model(self) -> onnx.ModelProto:
+        """The graph after ONNX Runtime's optimizations (a second session dumps it)."""
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "optimized.onnx")
+            _session(self._data, self.threads, self.level, self.disabled_optimizers, path, self.qdq_fusion)
+            return onnx.load(path, load_external_data=False)
+
+    def kernel_counts(self, unit_nodes: Optional[Mapping[str, Sequence[str]]] = None,
+                      quantized: Sequence[str] = ()) -> KernelCounts:
+        """Integer kernels vs float ops with Q/DQ around them; quantized units that stayed float."""
+        return count_kernels(self.optimized_model(), unit_nodes, quantized)
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(np.asarray(x))
+
+
+def _resize_batch(a: np.ndarray, batch: int) -> np.ndarray:
+    if a.ndim == 0 or a.shape[0] == batch:
+        return a
+    reps = -(-batch // a.shape[0])
+    return np.ascontiguousarray(np.concatenate([a] * reps, axis=0)[:batch])
+
+
+def build(onnx_model: onnx.ModelProto | bytes | str | os.PathLike, threads: int = DEFAULT_THREADS, level: str = "all",
+          disabled_optimizers: Optional[Sequence[str]] = None, example_inputs: Any = None,
+          qdq_fusion: bool = True) -> OrtEngine:
+    """Build an ONNX Runtime CPU engine.
+
+    Args:
+        onnx_model: a ModelProto, its bytes, or a path.
+        threads: intra-op threads (default 1).
+        level: graph optimization level: disable, basic, extended, layout or all (default).
+        disabled_optimizers: optimizers to turn off; None = ``DEFAULT_DISABLED``, retrying once
+            without ``MatMulAddFusion`` as well when the session fails to load (ORT 1.31 partial graphs).
+        example_inputs: a batch used by ``latency`` to size and fill inputs.
+        qdq_fusion: let ORT fuse Q/DQ into integer kernels (True for the ort-cpu flavour; False
+            runs Q/DQ as written, for TensorRT-flavour models).
+
+    Raises:
+        EngineError: the session cannot be created.
+    """
+    data = _as_bytes(onnx_model)
+    if disabled_optimizers is not None:
+        tries = [list(disabled_optimizers)]
+    else:
+        tries = [list(DEFAULT_DISABLED), [*DEFAULT_DISABLED, MATMUL_ADD_FUSION]]
+    err: Optional[Exception] = None
+    for disabled in tries:
+        try:
+            return OrtEngine(data, threads, level, disabled, example_inputs, qdq_fusion)
+        except MixqError:
+            raise
+        except Exception as e:  # onnxruntime raises its own exception types
+            err = e
+    raise EngineError(f"ONNX Runtime could not load the model (tried disabled optimizers {tries}): "
+                      f"{str(err).splitlines()[0] if err else ''}")
+
+
+def kernel_counts(model: onnx.ModelProto | OrtEngine, unit_nodes: Optional[Mapping[str, Sequence[str]]] = None,
+                  quantized: Sequence[str] = (), threads: int = DEFAULT_THREADS) -> KernelCounts:
+    """Kernel counts of a model (built with default options) or of an engine."""
+    engine = model if isinstance(model, OrtEngine) else build(model, threads)
+    return engine.kernel_counts(unit_nodes, quantized)
+
+
+def plan_key(resolved: Mapping[str, str], **settings) -> str:
+    """The cache key of a plan: its resolved {layer: format} and the measurement settings, as JSON."""
+    return json.dumps({"layers": dict(sorted(resolved.items())), **settings}, sort_keys=True)
+
+
+class PlanLatency:
+    """Measures plans on ONNX Runtime through mixq's export, each distinct plan once.
+
+    Args:
+        graph: a ``mixq.export.FloatGraph`` of the model (ort-cpu flavour).
+        qmodel: the calibrated model the graph was exported from.
+        batch / runs / warmup / threads: measurement settings (part of the cache key).
+        inputs: an example batch (tiled or sliced to ``batch``); default: synthetic inputs.
+
+    Attributes:
+        cache: plan key -> latency dict (see ``OrtEngine.latency``), plus "kernels" counts.
+        measured / hits: how many plans were measured and how many answers came from the cache.
+    """
+
+    def __init__(self, graph, qmodel, batch: int = 1, runs: int = 100, warmup: int = 10,
+                 threads: int = DEFAULT_THREADS, inputs: Any = None) -> None:
+        self.graph, self.qmodel = graph, qmodel
+        self.batch, self.runs, self.warmup, self.threads, self.inputs = batch, runs, warmup, threads, inputs
+        self.cache: dict[str, dict] = {}
+        self.measured = self.hits = 0
+
+    def key(self, plan) -> str:
+        from mixq.export import resolve_plan
+
+        return plan_key(resolve_plan(self.graph, plan), batch=self.batch, runs=self.runs, threads=self.threads)
+
+    def __call__(self, plan) -> dict:
+        """Latency dict of ``plan`` (measured on first request, then cached)."""
+        from mixq.export import apply_plan, resolve_plan
+
+        resolved = resolve_plan(self.graph, plan)
+        key = plan_key(resolved, batch=self.batch, runs=self.runs, threads=self.threads)
+        if key in self.cache:
+            self.hits += 1
+            return self.cache[key]
+        model = apply_plan(self.graph, self.qmodel, plan)
+        engine = build(model, self.threads, example_inputs=self.inputs)
+        result = engine.latency(self.batch, self.runs, self.warmup)
+        result["disabled_optimizers"] = engine.disabled_optimizers
+        self.cache[key] = result
+        self.measured += 1
+        return result

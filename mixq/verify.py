@@ -1,0 +1,308 @@
+"""verify: does the engine compute what the simulation computes?
+
+The evaluation set runs through the exported model on ONNX Runtime and through the fake-quant
+model under the same plan. Reported: top-1 agreement (classifiers), cosine similarity of the
+outputs (embeddings), the largest difference in output quantization steps (where the output is
+quantized), per-sample agreement of the metric and the metric on both.
+
+A model can be chaotic under a plan: a rounding flip of one activation code, caused by a float
+difference in the last bit, can grow layer by layer. ``noise_floor=True`` measures that: the same
+figures for the simulation run in float64 against the simulation in float32, two correct
+implementations that differ only in float rounding. An engine cannot be expected to agree with the
+simulation better than the simulation agrees with itself.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from mixq.errors import MixqError
+from mixq.quantize import call_model, set_plan
+
+TARGET_AGREEMENT = 0.995
+TARGET_METRIC_DIFF = 0.2  # points of the metric (percent)
+OUTPUT_KINDS = ("auto", "classifier", "embedding", "other")
+
+
+@dataclass
+class Comparison:
+    """How closely one set of outputs follows a reference (the simulation).
+
+    Attributes:
+        samples: evaluation samples (output rows) compared.
+        scored: per-sample metric scores compared (e.g. queries of a retrieval metric).
+        top1_agreement: fraction of samples with the same argmax (classifiers), else None.
+        score_agreement: fraction of samples with the same per-sample metric score, else None.
+        cosine_mean / cosine_min: cosine similarity of output rows.
+        max_abs_diff: largest absolute output difference.
+        max_err_steps: ``max_abs_diff`` in output quantization steps, when the output is quantized.
+        metric: the metric on these outputs; metric_ref: on the reference; metric_diff: their difference.
+    """
+
+    samples: int = 0
+    scored: int = 0
+    top1_agreement: Optional[float] = None
+    score_agreement: Optional[float] = None
+    cosine_mean: float = float("nan")
+    cosine_min: float = float("nan")
+    max_abs_diff: float = float("nan")
+    max_err_steps: Optional[float] = None
+    metric: Optional[float] = None
+    metric_ref: Optional[float] = None
+    metric_diff: Optional[float] = None
+
+
+@dataclass
+class VerifyResult:
+    """Engine vs simulation for one plan.
+
+    Attributes:
+        plan: the plan as a dict; resolved: {layer: format}.
+        output_kind: "classifier", "embedding" or "other".
+        engine: the engine's outputs compared with the simulation's.
+        noise_floor: the float64 simulation compared with the float32 one (None unless asked).
+        output_step: quantization step of the model output (None when the output is float).
+        targets: the pass thresholds; passed: whether the engine met them.
+        within_noise_floor: the engine agrees with the simulation about as well as the float64
+            simulation does (agreement lower by at most one sample, metric difference not larger by
+            more than the target); None without a noise floor.
+        kernels: integer-kernel counts of the engine (ort-cpu), as a dict.
+    """
+
+    plan: dict
+    resolved: dict
+    backend: str
+    output_kind: str
+    engine: Comparison
+    noise_floor: Optional[Comparison] = None
+    output_step: Optional[float] = None
+    targets: dict = field(default_factory=lambda: {"agreement": TARGET_AGREEMENT, "metric_diff": TARGET_METRIC_DIFF})
+    passed: bool = False
+    failures: list = field(default_factory=list)
+    within_noise_floor: Optional[bool] = None
+    kernels: Optional[dict] = None
+
+    def to_dict(self) -> dict:
+        return _finite(asdict(self))
+
+    def summary(self) -> str:
+        e = self.engine
+        parts = [f"{e.samples} samples"]
+        if e.top1_agreement is not None:
+            parts.append(f"top-1 agreement {100 * e.top1_agreement:.2f}%")
+        if e.score_agreement is not None:
+            parts.append(f"per-sample metric agreement {100 * e.score_agreement:.2f}%")
+        parts.append(f"cosine mean {e.cosine_mean:.5f} (min {e.cosine_min:.5f})")
+        if e.max_err_steps is not None:
+            parts.append(f"max error {e.max_err_steps:.2f} output steps")
+        else:
+            parts.append(f"max abs diff {e.max_abs_diff:.3g}")
+        if e.metric is not None:
+            parts.append(f"metric engine {e.metric:.2f} vs simulation {e.metric_ref:.2f} ({e.metric_diff:+.2f})")
+        s = "; ".join(parts) + (" -> PASS" if self.passed else f" -> FAIL ({'; '.join(self.failures)})")
+        if self.noise_floor is not None:
+            n = self.noise_floor
+            agree = n.top1_agreement if n.top1_agreement is not None else n.score_agreement
+            s += (f"\n  noise floor (float64 vs float32 simulation): agreement "
+                  f"{'-' if agree is None else f'{100 * agree:.2f}%'}, cosine mean {n.cosine_mean:.5f} "
+                  f"(min {n.cosine_min:.5f})" + ("" if n.metric_diff is None else f", metric diff {n.metric_diff:+.2f}")
+                  + ("; the engine is within it" if self.within_noise_floor else "; the engine is NOT within it"))
+        return s
+
+
+def _finite(x: Any) -> Any:
+    """JSON-safe: NaN / Inf become None."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if isinstance(out, np.ndarray):
+        out = torch.from_numpy(out)
+    return out.detach().float().cpu()
+
+
+def infer_output_kind(outputs: Sequence[torch.Tensor]) -> str:
+    """"embedding" when every output row has unit L2 norm, "classifier" for other 2-D outputs, else "other"."""
+    y = torch.cat([o.reshape(o.shape[0], -1) for o in outputs]) if outputs else torch.empty(0)
+    if y.dim() != 2 or y.numel() == 0 or outputs[0].dim() != 2:
+        return "other"
+    norms = y.norm(dim=1)
+    return "embedding" if torch.allclose(norms, torch.ones_like(norms), atol=1e-3) else "classifier"
+
+
+def compare(outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], kind: str,
+            targets: Optional[list] = None, metric_fn: Optional[Callable] = None,
+            output_step: Optional[float] = None) -> Comparison:
+    """Compare per-batch ``outputs`` with ``reference`` (see ``Comparison``)."""
+    a = torch.cat([o.reshape(o.shape[0], -1) for o in outputs])
+    b = torch.cat([o.reshape(o.shape[0], -1) for o in reference])
+    if a.shape != b.shape:
+        raise MixqError(f"engine output shape {tuple(a.shape)} differs from the simulation's {tuple(b.shape)}.")
+    c = Comparison(samples=a.shape[0])
+    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1, eps=1e-12)
+    c.cosine_mean, c.cosine_min = float(cos.mean()), float(cos.min())
+    c.max_abs_diff = float((a - b).abs().max())
+    if output_step:
+        c.max_err_steps = c.max_abs_diff / output_step
+    if kind == "classifier":
+        c.top1_agreement = float((a.argmax(1) == b.argmax(1)).double().mean())
+    if metric_fn is not None and targets is not None:
+        from mixq.task import score
+
+        s_a, s_b = score(metric_fn, list(outputs), targets), score(metric_fn, list(reference), targets)
+        c.metric, c.metric_ref = float(s_a.mean()), float(s_b.mean())
+        c.metric_diff = c.metric - c.metric_ref
+        if s_a.shape == s_b.shape:
+            c.score_agreement = float((s_a == s_b).mean())
+            c.scored = int(s_a.size)
+    return c
+
+
+def _graph_output_step(model) -> Optional[float]:
+    """The scale of the DequantizeLinear producing the first graph output, if it is per-tensor."""
+    from onnx import numpy_helper
+
+    out = model.graph.output[0].name
+    node = next((n for n in model.graph.node if out in n.output), None)
+    if node is None or node.op_type != "DequantizeLinear":
+        return None
+    init = next((t for t in model.graph.initializer if t.name == node.input[1]), None)
+    if init is None:
+        return None
+    s = numpy_helper.to_array(init)
+    return float(s) if s.size == 1 else None
+
+
+def _double_inputs(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.double() if batch.is_floating_point() else batch
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_double_inputs(t) for t in batch)
+    if isinstance(batch, dict):
+        return {k: _double_inputs(v) for k, v in batch.items()}
+    return batch
+
+
+def verify(qmodel: torch.nn.Module, plan, eval_data: Sequence, metric_fn: Optional[Callable] = None,
+           graph=None, threads: int = 1, output_kind: str = "auto", noise_floor: bool = False,
+           kernels: bool = True, targets: Optional[dict] = None) -> VerifyResult:
+    """Run ``eval_data`` through the ONNX Runtime engine and the simulation; compare.
+
+    Args:
+        qmodel: a calibrated model from ``mixq.quantize`` (its active plan is restored afterwards).
+        plan: a QuantPlan (or dict / format name) for the model's backend.
+        eval_data: list of (inputs, targets) batches, as ``Task.eval_fn`` returns.
+        metric_fn: the task's per-sample metric; None skips the metric figures.
+        graph: a FloatGraph to reuse (default: exported here from the first batch).
+        threads: ONNX Runtime intra-op threads.
+        output_kind: "auto" (unit-norm rows -> embedding, else classifier), "classifier",
+            "embedding" or "other".
+        noise_floor: also compare the float64 simulation with the float32 one.
+        kernels: count integer kernels (ort-cpu).
+        targets: {"agreement": fraction, "metric_diff": points}; defaults 0.995 and 0.2.
+
+    Returns:
+        The VerifyResult; ``passed`` says whether the targets were met.
+
+    Raises:
+        MixqError subclasses for a bad plan, missing calibration, empty data or engine failures.
+    """
+    from mixq.engine.ort import build
+    from mixq.export import _as_plan, apply_plan, export_float_graph, resolve_plan
+
+    if output_kind not in OUTPUT_KINDS:
+        raise MixqError(f"unknown output kind {output_kind!r}; valid kinds are {', '.join(OUTPUT_KINDS)}.")
+    batches = list(eval_data)
+    if not batches:
+        raise MixqError("the evaluation loader yielded no batch: pass a list of (inputs, targets) batches.")
+    if graph is None:
+        graph = export_float_graph(qmodel, batches[0][0])
+    plan = _as_plan(plan, graph.backend)
+    resolved = resolve_plan(graph, plan)
+    model = apply_plan(graph, qmodel, plan)
+    if graph.backend == "ort-cpu":
+        engine = build(model, threads)
+    else:
+        # TensorRT flavour on the CPU: Q/DQ run as written. Above "basic", ORT 1.31 drops a ReLU in
+        # front of an FP8 QuantizeLinear (ReluQuantFusion treats zero point 0 as clipping), so stay there.
+        engine = build(model, threads, level="basic", qdq_fusion=False)
+    st = qmodel.mixq
+    previous = st.plan
+    try:
+        set_plan(qmodel, plan)
+        plan_obj = st.plan
+        sim, eng, tgts = [], [], []
+        with torch.no_grad():
+            for inputs, target in batches:
+                sim.append(_first_output(call_model(qmodel, inputs)))
+                eng.append(_first_output(engine.run(inputs)[0]))
+                tgts.append(target)
+        floor_out = _float64_outputs(qmodel, batches) if noise_floor else None
+    finally:
+        if previous is not None:
+            set_plan(qmodel, previous)
+    kind = infer_output_kind(sim) if output_kind == "auto" else output_kind
+    step = _graph_output_step(model)
+    res = VerifyResult(plan=plan_obj.to_dict(), resolved=resolved, backend=graph.backend, output_kind=kind,
+                       engine=compare(eng, sim, kind, tgts, metric_fn, step), output_step=step)
+    if targets:
+        res.targets.update(targets)
+    if floor_out is not None:
+        res.noise_floor = compare(floor_out, sim, kind, tgts, metric_fn, step)
+        res.within_noise_floor = _within(res.engine, res.noise_floor, res.targets["metric_diff"])
+    if kernels and graph.backend == "ort-cpu":
+        quantized = [u for u, f in resolved.items() if f != "fp32"]
+        res.kernels = engine.kernel_counts(graph.unit_nodes, quantized).to_dict()
+    res.failures = _failures(res)
+    res.passed = not res.failures
+    return res
+
+
+def _failures(res: VerifyResult) -> list[str]:
+    e, t = res.engine, res.targets
+    out = []
+    agree = e.top1_agreement if e.top1_agreement is not None else e.score_agreement
+    if agree is not None and agree < t["agreement"]:
+        what = "top-1" if e.top1_agreement is not None else "per-sample metric"
+        out.append(f"{what} agreement {100 * agree:.2f}% < {100 * t['agreement']:.2f}%")
+    if e.metric_diff is not None and abs(e.metric_diff) > t["metric_diff"]:
+        out.append(f"|metric difference| {abs(e.metric_diff):.2f} > {t['metric_diff']} points")
+    if agree is None and e.metric_diff is None and e.cosine_min < 0.99:
+        out.append(f"cosine min {e.cosine_min:.4f} < 0.99")
+    return out
+
+
+def _within(e: Comparison, floor: Comparison, metric_tol: float) -> bool:
+    def agree(c: Comparison) -> Optional[float]:
+        return c.top1_agreement if c.top1_agreement is not None else c.score_agreement
+
+    # The floor is one draw of float-rounding noise: one sample either way (metric in percent per sample) is within it.
+    n = (e.samples if e.top1_agreement is not None else e.scored) or e.samples or 1
+    ok = True
+    if agree(e) is not None and agree(floor) is not None:
+        ok &= agree(e) >= agree(floor) - 1.5 / n
+    if e.metric_diff is not None and floor.metric_diff is not None:
+        ok &= abs(e.metric_diff) <= abs(floor.metric_diff) + max(metric_tol, 150.0 / max(e.scored, 1))
+    if agree(e) is None:
+        ok &= e.cosine_min >= floor.cosine_min - 1e-3
+    return bool(ok)
+
+
+def _float64_outputs(qmodel: torch.nn.Module, batches: Sequence) -> list[torch.Tensor]:
+    """The simulation in float64 (quantizer ranges unchanged): same plan, different float rounding."""
+    m64 = copy.deepcopy(qmodel).double()
+    with torch.no_grad():
+        return [_first_output(call_model(m64, _double_inputs(inputs))) for inputs, _ in batches]
