@@ -2,7 +2,7 @@
 
     mixq inventory [--example NAME | --model SPEC ...]      -> RUN/inventory.json
     mixq quantize  [--format int8 | --plan PLAN.json] ...   -> RUN/plan.json, RUN/quantize.json
-    mixq run       the main job on the default example (quantize + evaluate, for now)
+    mixq run       the main job: quantize + evaluate, export to ONNX Runtime, verify, time (RUN/run.json)
 """
 from __future__ import annotations
 
@@ -95,6 +95,48 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 _STAGE_COMMANDS: tuple[str, ...] = ("mixq.cli_deploy", "mixq.cli_bench")
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """The main job: quantize + evaluate, then deploy on ONNX Runtime, verify it, and time it."""
+    from mixq.artifacts import write_atomic
+    from mixq.latency.ort import OrtLatency
+    from mixq.plan import QuantPlan
+    from mixq.quantize import quantize
+    from mixq.task import evaluate
+    from mixq.verify import verify
+
+    task = _task(args)
+    plan = QuantPlan.load(args.plan) if args.plan else QuantPlan.uniform(args.format, args.backend, args.calib_method)
+    model = task.model_fn()
+    calib, evald = task.calib_fn(), task.eval_fn()
+    d = _run_dir(args, task)
+    t0 = time.perf_counter()
+    fp32, _ = evaluate(model, evald, task.metric_fn)
+    q = quantize(model, plan, calib_data=calib)
+    sim, _ = evaluate(q, evald, task.metric_fn)
+    label = args.plan or f"all-{plan.default}"
+    print(f"[1/3] {task.name}: FP32 {fp32:.2f} -> {label} ({plan.backend}, {plan.calib_method} calibration, "
+          f"{q.mixq.mode} mode) {sim:.2f} (drop {fp32 - sim:+.2f})", flush=True)
+    summary = {"task": task.name, "plan": plan.to_dict(), "fp32_metric": fp32, "sim_metric": sim}
+    if plan.backend == "ort-cpu":
+        res = verify(q, plan, evald, task.metric_fn)
+        summary["verify"] = res.to_dict()
+        print(f"[2/3] engine vs simulation: {res.summary()}", flush=True)
+        lat = OrtLatency(q, calib[0][:1] if not isinstance(calib[0], (tuple, list)) else tuple(t[:1] for t in calib[0]),
+                         runs=args.runs)
+        ms_fp32, ms_q = lat(QuantPlan(backend=plan.backend, default="fp32")), lat(plan)
+        summary["latency_ms"] = {"fp32": ms_fp32, label: ms_q}
+        print(f"[3/3] ONNX Runtime CPU latency, batch 1, 1 thread (median of {args.runs}): FP32 {ms_fp32:.2f} ms, "
+              f"{label} {ms_q:.2f} ms ({ms_fp32 / ms_q:.2f}x)", flush=True)
+    else:
+        print("[2/3] [3/3] engine verification and latency need the backend's engine; "
+              "`mixq export` writes the TensorRT-flavour ONNX.")
+    plan.save(d / "plan.json")
+    summary["seconds"] = time.perf_counter() - t0
+    write_atomic(d / "run.json", json.dumps(summary, indent=1, default=str))
+    print(f"wrote {d / 'plan.json'} and {d / 'run.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -102,14 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_args(inv)
     inv.set_defaults(func=cmd_inventory)
     for name, help_ in (("quantize", "calibrate, quantize and evaluate a plan against FP32"),
-                        ("run", "the main job on the default example")):
+                        ("run", "the main job: quantize, evaluate, deploy on ONNX Runtime, verify, time")):
         q = sub.add_parser(name, help=help_)
         _add_task_args(q)
         q.add_argument("--format", default="int8", help="format for every layer when no --plan is given")
         q.add_argument("--plan", help="a plan JSON file")
         q.add_argument("--calib-method", default="max", help="max, entropy, percentile or mse")
-        q.add_argument("--calib-methods", default=None, help="comma-separated methods to compare, e.g. max,entropy")
-        q.set_defaults(func=cmd_quantize)
+        if name == "quantize":
+            q.add_argument("--calib-methods", default=None, help="comma-separated methods to compare, e.g. max,entropy")
+            q.set_defaults(func=cmd_quantize)
+        else:
+            q.add_argument("--runs", type=int, default=50, help="timed runs per latency measurement")
+            q.set_defaults(func=cmd_run)
     for module in _STAGE_COMMANDS:
         importlib.import_module(module).register(sub, _add_task_args, _task, _run_dir)
     return p
