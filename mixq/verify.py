@@ -56,6 +56,11 @@ class Comparison:
     metric_ref: Optional[float] = None
     metric_diff: Optional[float] = None
 
+    @property
+    def agreement(self) -> Optional[float]:
+        """Top-1 agreement where there is one, else per-sample metric agreement (None without either)."""
+        return self.top1_agreement if self.top1_agreement is not None else self.score_agreement
+
 
 @dataclass
 class VerifyResult:
@@ -107,7 +112,7 @@ class VerifyResult:
         s = "; ".join(parts) + (" -> PASS" if self.passed else f" -> FAIL ({'; '.join(self.failures)})")
         if self.noise_floor is not None:
             n = self.noise_floor
-            agree = n.top1_agreement if n.top1_agreement is not None else n.score_agreement
+            agree = n.agreement
             s += (f"\n  noise floor (float64 vs float32 simulation): agreement "
                   f"{'-' if agree is None else f'{100 * agree:.2f}%'}, cosine mean {n.cosine_mean:.5f} "
                   f"(min {n.cosine_min:.5f})" + ("" if n.metric_diff is None else f", metric diff {n.metric_diff:+.2f}")
@@ -134,9 +139,14 @@ def _first_output(out: Any) -> torch.Tensor:
     return out.detach().float().cpu()
 
 
+def _rows(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-batch outputs as one (samples, features) matrix."""
+    return torch.cat([o.reshape(o.shape[0], -1) for o in outputs])
+
+
 def infer_output_kind(outputs: Sequence[torch.Tensor]) -> str:
     """"embedding" when every output row has unit L2 norm, "classifier" for other 2-D outputs, else "other"."""
-    y = torch.cat([o.reshape(o.shape[0], -1) for o in outputs]) if outputs else torch.empty(0)
+    y = _rows(outputs) if outputs else torch.empty(0)
     if y.dim() != 2 or y.numel() == 0 or outputs[0].dim() != 2:
         return "other"
     norms = y.norm(dim=1)
@@ -147,8 +157,7 @@ def compare(outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], 
             targets: Optional[list] = None, metric_fn: Optional[Callable] = None,
             output_step: Optional[float] = None) -> Comparison:
     """Compare per-batch ``outputs`` with ``reference`` (see ``Comparison``)."""
-    a = torch.cat([o.reshape(o.shape[0], -1) for o in outputs])
-    b = torch.cat([o.reshape(o.shape[0], -1) for o in reference])
+    a, b = _rows(outputs), _rows(reference)
     if a.shape != b.shape:
         raise MixqError(f"engine output shape {tuple(a.shape)} differs from the simulation's {tuple(b.shape)}.")
     c = Comparison(samples=a.shape[0])
@@ -274,7 +283,7 @@ def verify(qmodel: torch.nn.Module, plan, eval_data: Sequence, metric_fn: Option
 def _failures(res: VerifyResult) -> list[str]:
     e, t = res.engine, res.targets
     out = []
-    agree = e.top1_agreement if e.top1_agreement is not None else e.score_agreement
+    agree = e.agreement
     if agree is not None and agree < t["agreement"]:
         what = "top-1" if e.top1_agreement is not None else "per-sample metric"
         out.append(f"{what} agreement {100 * agree:.2f}% < {100 * t['agreement']:.2f}%")
@@ -286,17 +295,14 @@ def _failures(res: VerifyResult) -> list[str]:
 
 
 def _within(e: Comparison, floor: Comparison, metric_tol: float) -> bool:
-    def agree(c: Comparison) -> Optional[float]:
-        return c.top1_agreement if c.top1_agreement is not None else c.score_agreement
-
     # The floor is one draw of float-rounding noise: one sample either way (metric in percent per sample) is within it.
     n = (e.samples if e.top1_agreement is not None else e.scored) or e.samples or 1
     ok = True
-    if agree(e) is not None and agree(floor) is not None:
-        ok &= agree(e) >= agree(floor) - 1.5 / n
+    if e.agreement is not None and floor.agreement is not None:
+        ok &= e.agreement >= floor.agreement - 1.5 / n
     if e.metric_diff is not None and floor.metric_diff is not None:
         ok &= abs(e.metric_diff) <= abs(floor.metric_diff) + max(metric_tol, 150.0 / max(e.scored, 1))
-    if agree(e) is None:
+    if e.agreement is None:
         ok &= e.cosine_min >= floor.cosine_min - 1e-3
     return bool(ok)
 

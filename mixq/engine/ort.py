@@ -410,10 +410,9 @@ class PlanLatency:
 
     def __call__(self, plan) -> dict:
         """Latency dict of ``plan`` (measured on first request, then cached)."""
-        from mixq.export import apply_plan, resolve_plan
+        from mixq.export import apply_plan
 
-        resolved = resolve_plan(self.graph, plan)
-        key = plan_key(resolved, batch=self.batch, runs=self.runs, threads=self.threads)
+        key = self.key(plan)
         if key in self.cache:
             self.hits += 1
             return self.cache[key]
