@@ -1,0 +1,339 @@
+"""scan(): calibrate once, measure every (layer, format) exactly and by proxy, return a SensitivityTable.
+
+Order of work: validate the inputs (before any expensive step), fingerprint, prepare and
+calibrate the model once for all formats, the proxy pass, then each exact mode: a reference
+evaluation of its base, then one result per (layer, format), each persisted as it finishes.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import numpy as np
+from torch import nn
+
+from mixq.errors import UnsupportedFormatError, did_you_mean
+from mixq.formats import FORMATS, get_backend, get_format
+from mixq.quantize import add_formats, calibrate, prepare
+from mixq.sensitivity.errors import ScanError
+from mixq.sensitivity.exact import EXACT_MODES, LEAVE_ONE_OUT, ONE_AT_A_TIME, ExactScanner
+from mixq.sensitivity.graphrun import tensors_of
+from mixq.sensitivity.proxies import proxy_scan
+from mixq.sensitivity.store import ScanStore, callable_name, fingerprint
+from mixq.sensitivity.table import (LayerSensitivity, SensitivityTable, correlations, output_sqnr_db,
+                                    paired_bootstrap_ci)
+
+PROXY_DATA = ("calib", "eval")
+
+
+def _modes(modes: str | Sequence[str]) -> list[str]:
+    if isinstance(modes, str):
+        modes = {"both": list(EXACT_MODES), "none": []}.get(modes, [modes])
+    bad = [m for m in modes if m not in EXACT_MODES]
+    if bad:
+        raise ScanError(f"unknown scan mode(s) {bad}; valid modes are {', '.join(EXACT_MODES)}, 'both' and 'none'.")
+    return [m for m in EXACT_MODES if m in modes]
+
+
+def _eval_batches(eval_data: Iterable) -> list:
+    batches = list(eval_data)
+    if not batches:
+        raise ScanError("the evaluation loader yielded no batch: pass a list of (inputs, targets) batches.")
+    for i, b in enumerate(batches):
+        if not isinstance(b, (tuple, list)) or len(b) != 2:
+            raise ScanError(f"evaluation batch {i} is a {type(b).__name__}, not an (inputs, targets) pair.")
+    return batches
+
+
+def select(kinds: dict[str, str], backend: str, formats: Optional[Sequence[str]],
+           layers: Optional[Sequence[str]]) -> dict[str, list[str]]:
+    """{layer: [formats]} to scan.
+
+    Default formats are all the backend supports per layer. Explicitly named layers must support
+    every explicitly named format; otherwise a format only applies where the backend can realise it.
+
+    Raises:
+        ScanError: an unknown layer, or fp32 as a format.
+        UnknownFormatError / UnsupportedFormatError: an unknown format, a named layer that cannot
+            run a named format, or a format no selected layer can run.
+    """
+    be = get_backend(backend)
+    names = list(kinds)
+    if layers is not None:
+        layers = list(dict.fromkeys(layers))
+        missing = [n for n in layers if n not in kinds]
+        if missing:
+            hints = "; ".join(f"{n!r}{did_you_mean(n, names) or ' (no similar name)'}" for n in missing[:5])
+            raise ScanError(f"unknown layer(s): {hints}. Run `mixq inventory` to list the model's "
+                            f"{len(names)} layers.")
+        if not layers:
+            raise ScanError("no layer selected: pass at least one layer name (or none, to scan them all).")
+        names = layers
+    if formats is not None:
+        fmts = [get_format(f).name for f in dict.fromkeys(formats)]
+        if "fp32" in fmts:
+            raise ScanError("fp32 is the reference, not a format to scan: pass lower formats "
+                            "(for example int8, fp16, int4_wo).")
+        if not fmts:
+            raise ScanError("no format selected: pass at least one format.")
+        if layers is not None:
+            for n in names:
+                for f in fmts:
+                    be.check(f, kinds[n], n)
+        todo = {n: [f for f in fmts if f in be.supported(kinds[n])] for n in names}
+        for f in fmts:
+            if not any(f in fs for fs in todo.values()):
+                kinds_ok = sorted(k for k, fs in be.formats.items() if f in fs)
+                raise UnsupportedFormatError(
+                    f"backend {be.name!r} cannot run format {f!r} on any selected layer; it runs {f} only on "
+                    f"{', '.join(kinds_ok) or 'no'} layers. Choose another format or backend.")
+    else:
+        todo = {n: [f for f in be.supported(kinds[n]) if f != "fp32"] for n in names}
+    return {n: fs for n, fs in todo.items() if fs}
+
+
+def _out_sqnr(ref: list, outs: list) -> float:
+    sig = noise = 0.0
+    for r, o in zip(ref, outs):
+        for a, b in zip(tensors_of(r), tensors_of(o)):
+            a = a.double()
+            sig += float(a.square().sum())
+            noise += float((b.double() - a).square().sum())
+    return output_sqnr_db(sig, noise)
+
+
+class _Progress:
+    """A progress bar over (layer, format) results, weighted by their expected cost for the ETA."""
+
+    def __init__(self, enabled: bool, desc: str, weights: list[float]) -> None:
+        self.total_items, self.done = len(weights), 0
+        self.bar = None
+        if enabled and weights:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=sum(weights), desc=desc, leave=True, dynamic_ncols=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
+
+    def step(self, weight: float, text: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.done}/{self.total_items} layers, {text}", refresh=False)
+            self.bar.update(weight)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Iterable, eval_data: Iterable,
+         metric: Callable, *, backend: str = "ort-cpu", formats: Optional[Sequence[str]] = None,
+         layers: Optional[Sequence[str]] = None, modes: str | Sequence[str] = ONE_AT_A_TIME,
+         proxies: bool = True, proxy_data: str = "calib", bootstrap: int = 1000, confidence: float = 0.95,
+         calib_method: str = "max", method: str = "auto", store: Optional[str | Path] = None,
+         fresh: bool = False, progress: bool = True, quant_mode: str = "auto", seed: int = 0,
+         task_name: str = "", concrete_args: Optional[dict] = None) -> SensitivityTable:
+    """Measure how much each layer costs in each format.
+
+    Args:
+        model: the float model, or a function returning it (then it is freed once prepared).
+        calib_data: input batches; calibration runs once for all formats.
+        eval_data: (inputs, targets) batches.
+        metric: ``metric(outputs, targets) -> per-sample scores`` in percent.
+        backend: backend whose schemes and placement the simulation follows.
+        formats: formats to scan (default: every format the backend supports, per layer).
+        layers: layer names to scan (default: all).
+        modes: "one-at-a-time", "leave-one-out", "both", "none" or a list of modes.
+        proxies: compute the SQNR / MSE / Fisher proxies.
+        proxy_data: "calib" (default; proxies need no labels) or "eval".
+        bootstrap: resamples for the intervals (0: no intervals).
+        confidence: interval coverage.
+        calib_method: activation calibration method.
+        method: "auto" (fast suffix replay in FX mode, naive otherwise), "fast" or "naive".
+        store: JSONL file for resumable results (None: in memory only). The table is also saved
+            as ``sensitivity.json`` next to it.
+        fresh: discard results already in ``store``.
+        progress: show a progress bar.
+        quant_mode: "auto", "fx" or "module" (how the model is prepared).
+        seed: seed of the bootstrap and of the Fisher probes.
+        task_name: a name for the report.
+        concrete_args: FX tracing option.
+
+    Returns:
+        The SensitivityTable.
+
+    Raises:
+        ScanError / StaleScanError / UnsupportedFormatError / CalibrationError / MixqError: bad input
+        (each message says what to change).
+    """
+    exact_modes = _modes(modes)
+    if proxy_data not in PROXY_DATA:
+        raise ScanError(f"proxy_data must be one of {', '.join(PROXY_DATA)}, got {proxy_data!r}.")
+    if bootstrap < 0 or not 0.0 < confidence < 1.0:
+        raise ScanError(f"`bootstrap >= 0` and `0 < confidence < 1` must hold, but got "
+                        f"(bootstrap={bootstrap}, confidence={confidence}).")
+    be = get_backend(backend)
+    evalb = _eval_batches(eval_data)
+    calib = list(calib_data)
+    if not isinstance(model, nn.Module):
+        model = model()
+    t_start = time.perf_counter()
+
+    settings = {"backend": be.name, "calib_method": calib_method, "quant_mode": quant_mode,
+                "proxy_data": proxy_data, "seed": seed}
+    parts = fingerprint(model, calib, evalb, metric, settings)
+    meta = {"task": task_name, "backend": be.name, "metric": callable_name(metric)}
+    timing: dict[str, Any] = {}
+    # The store is checked before anything expensive: stale results fail fast.
+    with ScanStore(store, parts, fresh=fresh, meta=meta) as st:
+        qmodel = prepare(model, be.name, quant_mode, concrete_args)
+        del model  # the caller may still hold it; the scan no longer needs it
+        kinds = dict(qmodel.mixq.kinds)
+        todo = select(kinds, be.name, formats, layers)
+        all_formats = [f for f in FORMATS if any(f in fs for fs in todo.values())]
+        scanner = ExactScanner(qmodel, [b[0] for b in evalb], method)
+        targets = [b[1] for b in evalb]
+        stages = [(mode, base, todo if mode == ONE_AT_A_TIME else {u: [base] for u, fs in todo.items() if base in fs})
+                  for mode in exact_modes for base in (["fp32"] if mode == ONE_AT_A_TIME else all_formats)]
+        proxy_todo = _missing_proxies(st, todo) if proxies else {}
+        if proxy_todo or any(_pending(st, mode, base, sub) is not None for mode, base, sub in stages):
+            # one calibration for every format, reused by every layer and every stage
+            qmodel.mixq.calib_method = calib_method
+            add_formats(qmodel, all_formats, calib_method)
+            t0 = time.perf_counter()
+            calibrate(qmodel, calib, calib_method)
+            timing["calibration_s"] = time.perf_counter() - t0
+        if proxy_todo:
+            _run_proxies(st, qmodel, scanner, proxy_todo, calib if proxy_data == "calib" else [b[0] for b in evalb],
+                         seed, timing, progress)
+        for mode, base, sub in stages:
+            pending = _pending(st, mode, base, sub)
+            if pending is not None:
+                _run_exact(st, scanner, metric, targets, mode, base, pending, timing, progress)
+        timing["method"] = scanner.method
+        timing["total_s"] = time.perf_counter() - t_start
+        table = _build(st, kinds, scanner.order(kinds), todo, all_formats, exact_modes, bootstrap, confidence,
+                       seed, task_name, be.name, callable_name(metric), timing, scanner)
+    if store is not None:
+        table.save(Path(store).with_name("sensitivity.json"))
+    return table
+
+
+def scan_task(task, **kwargs) -> SensitivityTable:
+    """``scan`` on a ``mixq.task.Task`` (a built-in example or user specs)."""
+    return scan(task.model_fn, task.calib_fn(), task.eval_fn(), task.metric_fn, task_name=task.name, **kwargs)
+
+
+# --------------------------------------------------------------------- stages
+def _missing_proxies(st: ScanStore, todo: dict) -> dict[str, list[str]]:
+    missing = {u: [f for f in fs if st.get("proxy", None, u, f) is None] for u, fs in todo.items()}
+    return {u: fs for u, fs in missing.items() if fs}
+
+
+def _pending(st: ScanStore, mode: str, base: str, todo: dict) -> Optional[dict[str, list[str]]]:
+    """The (layer, format) pairs of a stage still to measure; None when the stage is complete."""
+    pending = {u: [f for f in fs if st.get("exact", mode, u, f) is None] for u, fs in todo.items()}
+    pending = {u: fs for u, fs in pending.items() if fs}
+    if not pending and st.get("reference", mode, None, base) is not None:
+        return None
+    return pending
+
+
+def _run_proxies(st: ScanStore, qmodel, scanner: ExactScanner, missing: dict, data: list, seed: int,
+                 timing: dict, progress: bool) -> None:
+    if progress:
+        print(f"proxies: one forward-backward pass over {len(data)} batches for "
+              f"{sum(map(len, missing.values()))} (layer, format) pairs", flush=True)
+    res = proxy_scan(qmodel, data, missing, seed=seed, runner=scanner.runner)
+    for (u, f), s in res.scores.items():
+        st.add({"type": "proxy", "layer": u, "format": f, **s, "samples": res.samples})
+    st.add({"type": "timing", "mode": "proxies", "seconds": res.seconds})
+    timing["proxies_s"] = res.seconds
+
+
+def _score(metric: Callable, outputs: list, targets: list, n: Optional[int]) -> np.ndarray:
+    from mixq.task import score
+
+    s = score(metric, outputs, targets)
+    if n is not None and s.size != n:
+        raise ScanError(f"the metric returned {s.size} per-sample scores here but {n} for the reference; "
+                        "it must return one score per evaluation sample, every time.")
+    return s
+
+
+def _run_exact(st: ScanStore, scanner: ExactScanner, metric: Callable, targets: list, mode: str, base: str,
+               pending: dict, timing: dict, progress: bool) -> None:
+    ref_out, ref_s = scanner.reference(mode, base)
+    ref_scores = _score(metric, ref_out, targets, None)
+    st.add({"type": "reference", "mode": mode, "format": base, "metric": float(ref_scores.mean()),
+            "scores": ref_scores.tolist(), "seconds": ref_s})
+    timing[f"{mode}:{base}:reference_s"] = ref_s
+    label = "FP32" if base == "fp32" else f"all-{base}"
+    order = scanner.order(pending)
+    weights = [scanner.cost(u) for u in order for _ in pending[u]]
+    cost = {u: scanner.cost(u) for u in order}
+    fmts = base if mode == LEAVE_ONE_OUT else ",".join(sorted({f for fs in pending.values() for f in fs}))
+    bar = _Progress(progress, f"{mode} {fmts}", weights)
+    spent = 0.0
+    try:
+        for fin in scanner.entries(mode, base, pending, ref_out):
+            s = _score(metric, fin.outputs, targets, ref_scores.size)
+            st.add({"type": "exact", "mode": mode, "layer": fin.unit, "format": fin.fmt,
+                    "metric": float(s.mean()), "scores": s.tolist(), "out_sqnr_db": _out_sqnr(ref_out, fin.outputs),
+                    "seconds": fin.seconds, "method": scanner.method})
+            spent += fin.seconds
+            delta = ref_scores.mean() - s.mean() if mode == ONE_AT_A_TIME else s.mean() - ref_scores.mean()
+            word = "drop" if mode == ONE_AT_A_TIME else "recovered"
+            bar.step(cost[fin.unit], f"{fin.unit} {fin.fmt}: {word} {delta:+.2f} vs {label}")
+    finally:
+        bar.close()
+    timing[f"{mode}:{base}:entries_s"] = spent
+    timing[f"{mode}:{base}:entries"] = sum(map(len, pending.values()))
+
+
+# --------------------------------------------------------------------- table
+def _build(st: ScanStore, kinds: dict, order: list[str], todo: dict, formats: list[str], modes: list[str],
+           bootstrap: int, confidence: float, seed: int, task: str, backend: str, metric: str,
+           timing: dict, scanner: ExactScanner) -> SensitivityTable:
+    # Results an earlier run stored for the same fingerprint are valid: show them too.
+    modes = [m for m in EXACT_MODES if m in modes or any(r["mode"] == m for r in st.find("exact"))]
+    reference: dict[str, float] = {}
+    refs: dict[tuple[str, str], np.ndarray] = {}
+    for r in st.find("reference"):
+        refs[(r["mode"], r["format"])] = np.asarray(r["scores"])
+        reference["fp32" if r["format"] == "fp32" else f"all:{r['format']}"] = r["metric"]
+    rows, samples = [], 0
+    for u in order:
+        for f in todo.get(u, ()):
+            row = LayerSensitivity(layer=u, kind=kinds[u], format=f)
+            e = st.get("exact", ONE_AT_A_TIME, u, f)
+            if e is not None:
+                ref = refs[(ONE_AT_A_TIME, "fp32")]
+                s = np.asarray(e["scores"])
+                samples = s.size
+                row.metric, row.drop = e["metric"], float(ref.mean() - s.mean())
+                row.drop_ci = paired_bootstrap_ci(ref - s, bootstrap, confidence, seed)
+                row.drop_noise = bool(row.drop_ci[0] <= 0.0 <= row.drop_ci[1])
+                row.out_sqnr_db = float(e["out_sqnr_db"])
+            e = st.get("exact", LEAVE_ONE_OUT, u, f)
+            if e is not None:
+                ref = refs[(LEAVE_ONE_OUT, f)]
+                s = np.asarray(e["scores"])
+                samples = s.size
+                row.recovered = float(s.mean() - ref.mean())
+                row.recovered_ci = paired_bootstrap_ci(s - ref, bootstrap, confidence, seed)
+                row.recovered_noise = bool(row.recovered_ci[0] <= 0.0 <= row.recovered_ci[1])
+            p = st.get("proxy", None, u, f)
+            if p is not None:
+                row.sqnr_db, row.mse, row.fisher = float(p["sqnr_db"]), p["mse"], p["fisher"]
+            rows.append(row)
+    for r in st.find("timing"):
+        timing.setdefault(f"{r['mode']}_s", r["seconds"])
+    notes = []
+    if scanner.fallback_reason:
+        notes.append(f"exact scans used full evaluations per layer (naive): {scanner.fallback_reason}.")
+    return SensitivityTable(task=task, backend=backend, metric=metric, layers=[(u, kinds[u]) for u in order],
+                            formats=formats, modes=modes, reference=reference, rows=rows, samples=samples,
+                            bootstrap=bootstrap, confidence=confidence, spearman=correlations(rows, formats),
+                            timing=timing, fingerprint=st.fingerprint, notes=notes)

@@ -1,0 +1,216 @@
+"""Resumable scan results: one JSON line per finished measurement, tied to a fingerprint.
+
+The file (``scan.jsonl`` in the run folder) starts with a header holding the fingerprint of
+everything the results depend on (model weights and code, calibration data, evaluation data,
+metric, settings), each part hashed separately so a mismatch can say *what* changed. Every finished
+(layer, format) measurement is appended as one line, flushed and fsync'ed before the scan moves
+on: a killed scan loses at most the measurement in flight, and a torn last line is dropped on
+the next open. A lock file keeps two scans from writing the same folder at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+from mixq.artifacts import write_atomic
+from mixq.sensitivity.errors import ScanError, StaleScanError
+
+STORE_VERSION = 1
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+# --------------------------------------------------------------------- fingerprint
+def _update(h: "hashlib._Hash", obj: Any) -> None:
+    import numpy as np
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+            t = t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int16)
+        h.update(memoryview(t.numpy()).cast("B"))
+    elif isinstance(obj, np.ndarray):
+        a = np.ascontiguousarray(obj)
+        h.update(f"A{a.dtype}{a.shape}".encode())
+        h.update(memoryview(a).cast("B") if a.dtype != object else repr(a.tolist()).encode())
+    elif isinstance(obj, Mapping):
+        h.update(b"{")
+        for k in sorted(obj, key=str):
+            h.update(repr(k).encode())
+            _update(h, obj[k])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[" if isinstance(obj, list) else b"(")
+        for v in obj:
+            _update(h, v)
+        h.update(b"]")
+    elif obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        h.update(repr(obj).encode())
+    else:
+        h.update(_ADDRESS.sub("", repr(obj)).encode())
+
+
+def digest(*objs: Any) -> str:
+    """A short SHA-256 of tensors, arrays and plain containers (addresses in reprs are ignored)."""
+    h = hashlib.sha256()
+    for o in objs:
+        _update(h, o)
+    return h.hexdigest()[:16]
+
+
+def _source(obj: Any) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+
+
+def callable_name(fn: Callable) -> str:
+    """``module:qualname`` of a function (what the report shows as the metric)."""
+    mod = getattr(fn, "__module__", None) or "?"
+    return f"{mod}:{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def fingerprint(model: Any, calib_data: Any, eval_data: Any, metric_fn: Callable,
+                settings: Mapping[str, Any]) -> dict[str, str]:
+    """Hash each thing the results depend on; a change in any part makes stored results stale.
+
+    The formats are deliberately not part of it: each format has its own calibrated quantizers,
+    so adding a format to a finished scan measures only the new format.
+    """
+    return {
+        "model": digest(type(model).__qualname__, _source(type(model)), model.state_dict()),
+        "calib_data": digest(calib_data),
+        "eval_data": digest(eval_data),
+        "metric": digest(callable_name(metric_fn), _source(metric_fn)),
+        "settings": digest(dict(settings)),
+    }
+
+
+_PART_WORDS = {"model": "the model (weights or code)", "calib_data": "the calibration data",
+               "eval_data": "the evaluation data", "metric": "the metric",
+               "settings": "the scan settings (backend, calibration method, proxy data, seed)"}
+
+
+# --------------------------------------------------------------------- store
+def record_key(rec: Mapping[str, Any]) -> tuple:
+    return (rec["type"], rec.get("mode"), rec.get("layer"), rec.get("format"))
+
+
+class ScanStore:
+    """Finished measurements of one scan, in memory and (when ``path`` is given) on disk.
+
+    Args:
+        path: the JSONL file, or None for an in-memory store.
+        parts: the fingerprint parts of the scan about to run.
+        fresh: discard any results already in ``path``.
+
+    Raises:
+        StaleScanError: ``path`` holds results of a different fingerprint.
+        ScanError: another scan holds the lock, or the file is corrupt.
+    """
+
+    def __init__(self, path: Optional[str | os.PathLike], parts: Mapping[str, str], fresh: bool = False,
+                 meta: Optional[Mapping[str, Any]] = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.parts = dict(parts)
+        self.records: dict[tuple, dict] = {}
+        self._lock = None
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._acquire_lock()
+        try:
+            if fresh and self.path.exists():
+                self.path.unlink()
+            if self.path.exists() and self.path.stat().st_size > 0:
+                self._read()
+            else:
+                header = {"type": "header", "version": STORE_VERSION, "fingerprint": self.parts, **(meta or {})}
+                write_atomic(self.path, json.dumps(header) + "\n")
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def fingerprint(self) -> str:
+        return digest(self.parts)
+
+    def _acquire_lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, the scan still works
+            return
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fh = open(lock_path, "a")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise ScanError(f"another scan is writing {str(self.path)!r}; wait for it to finish or use "
+                            "another run folder.") from None
+        self._lock = fh
+
+    def _read(self) -> None:
+        text = self.path.read_text()
+        lines = text.split("\n")
+        complete, torn = lines[:-1], lines[-1]  # text ends with "\n" unless the last write was torn
+        parsed = []
+        for i, line in enumerate(complete):
+            try:
+                parsed.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(complete) - 1:
+                    torn = line
+                    break
+                raise ScanError(f"{str(self.path)!r} is corrupt at line {i + 1}; delete it (or pass --fresh) "
+                                "to start the scan over.") from None
+        if torn:
+            # A line cut short by a kill: keep everything before it.
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in parsed))
+        if not parsed or parsed[0].get("type") != "header":
+            raise ScanError(f"{str(self.path)!r} is not a mixq scan file (no header); delete it or pass --fresh.")
+        old = parsed[0].get("fingerprint", {})
+        changed = [k for k in self.parts if old.get(k) != self.parts[k]]
+        if changed:
+            what = ", ".join(_PART_WORDS.get(k, k) for k in changed)
+            raise StaleScanError(
+                f"{str(self.path)!r} holds results for a different scan: {what} changed since they were "
+                f"measured, so they cannot be mixed with new ones. Pass --fresh (fresh=True) to discard "
+                f"them, or use another run folder.")
+        for rec in parsed[1:]:
+            self.records[record_key(rec)] = rec
+
+    def get(self, type_: str, mode: Optional[str] = None, layer: Optional[str] = None,
+            fmt: Optional[str] = None) -> Optional[dict]:
+        return self.records.get((type_, mode, layer, fmt))
+
+    def find(self, type_: str) -> Iterable[dict]:
+        return [r for k, r in self.records.items() if k[0] == type_]
+
+    def add(self, rec: dict) -> None:
+        """Record one finished measurement (on disk before this returns)."""
+        self.records[record_key(rec)] = rec
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> "ScanStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
