@@ -336,41 +336,62 @@ def _count_entries(monkeypatch):
     return calls
 
 
-def test_interrupted_scan_resumes_without_redoing_finished_entries(tmp_path, monkeypatch):
+def test_interrupted_scan_resumes_without_redoing_finished_work(tmp_path, monkeypatch):
+    import mixq.sensitivity.api as scan_mod
+    from mixq.sensitivity.store import PartialFiles
+
     model, calib, evalb, metric = _task("cnn")
     store = tmp_path / "scan.jsonl"
-    full = scan(model, calib, evalb, metric, formats=["int8"], proxies=False, progress=False)
-    n_units = len(full.rows)
+    kw = dict(formats=["int8"], proxies=False, progress=False)
+    full = scan(model, calib, evalb, metric, **kw)
+    n_units, n_batches = len(full.rows), len(evalb)
 
-    seen = {"n": 0}
-    import mixq.sensitivity.api as scan_mod
+    # 1) killed while computing: every finished (layer, format, batch) piece is on disk
+    real_put, puts = PartialFiles.put, []
 
-    real_score = scan_mod._score
+    def dying_put(self, *a):
+        if len(puts) == 7:
+            raise KeyboardInterrupt
+        puts.append(a[:5])
+        real_put(self, *a)
 
-    def dying(metric_fn, outputs, targets, n):
-        seen["n"] += 1
-        if seen["n"] == 4:  # the reference, then two entries are finished; die in the third
+    monkeypatch.setattr(PartialFiles, "put", dying_put)
+    with pytest.raises(KeyboardInterrupt):
+        scan(model, calib, evalb, metric, store=store, **kw)
+    assert len(list((tmp_path / "scan.jsonl.partial").glob("*.pt"))) == 7
+    monkeypatch.setattr(PartialFiles, "put", lambda self, *a: (puts.append(a[:5]), real_put(self, *a)))
+    puts.clear()
+
+    # 2) killed while scoring finished results: two are in the results file
+    real_score, scored = scan_mod._score, []
+
+    def dying_score(metric_fn, outputs, targets, n):
+        scored.append(1)
+        if len(scored) == 4:  # the reference, two results, then die
             raise KeyboardInterrupt
         return real_score(metric_fn, outputs, targets, n)
 
-    monkeypatch.setattr(scan_mod, "_score", dying)
+    monkeypatch.setattr(scan_mod, "_score", dying_score)
     with pytest.raises(KeyboardInterrupt):
-        scan(model, calib, evalb, metric, formats=["int8"], proxies=False, progress=False, store=store)
+        scan(model, calib, evalb, metric, store=store, **kw)
+    assert len(puts) == n_units * n_batches - 7, "pieces finished before the kill are not recomputed"
     lines = store.read_text().splitlines()
     assert [json.loads(l)["type"] for l in lines] == ["header", "reference", "exact", "exact"]
     # a kill in the middle of a write leaves a torn line: it must be dropped, not break the file
     with open(store, "a") as f:
         f.write('{"type": "exact", "mode": "one-at-a-time", "layer": "co')
     monkeypatch.setattr(scan_mod, "_score", real_score)
-    calls = _count_entries(monkeypatch)
-    again = scan(model, calib, evalb, metric, formats=["int8"], proxies=False, progress=False, store=store)
-    assert len(calls) == n_units - 2
+    puts.clear()
+    again = scan(model, calib, evalb, metric, store=store, **kw)
+    assert puts == []
     assert [r.drop for r in again.rows] == [r.drop for r in full.rows]
-    calls.clear()
-    scan(model, calib, evalb, metric, formats=["int8"], proxies=False, progress=False, store=store)
+    assert [r.out_sqnr_db for r in again.rows] == [r.out_sqnr_db for r in full.rows]
+    assert not list((tmp_path / "scan.jsonl.partial").glob("*.pt")), "finished results leave no partial files"
+    calls = _count_entries(monkeypatch)
+    scan(model, calib, evalb, metric, store=store, **kw)
     assert calls == []
     # adding a format measures only the new format
-    scan(model, calib, evalb, metric, formats=["int8", "int4_wo"], proxies=False, progress=False, store=store)
+    scan(model, calib, evalb, metric, store=store, **{**kw, "formats": ["int8", "int4_wo"]})
     assert calls == [("fc", "int4_wo")]
 
 

@@ -6,6 +6,7 @@ evaluation of its base, then one result per (layer, format), each persisted as i
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -18,10 +19,10 @@ from mixq.errors import UnsupportedFormatError, did_you_mean
 from mixq.formats import FORMATS, get_backend, get_format
 from mixq.quantize import add_formats, calibrate, prepare
 from mixq.sensitivity.errors import ScanError
-from mixq.sensitivity.exact import EXACT_MODES, LEAVE_ONE_OUT, ONE_AT_A_TIME, ExactScanner
+from mixq.sensitivity.exact import EXACT_MODES, LEAVE_ONE_OUT, ONE_AT_A_TIME, ExactScanner, release_free_memory
 from mixq.sensitivity.graphrun import tensors_of
-from mixq.sensitivity.proxies import proxy_scan
-from mixq.sensitivity.store import ScanStore, callable_name, fingerprint
+from mixq.sensitivity.proxies import batch_size, proxy_scan
+from mixq.sensitivity.store import PartialFiles, ScanStore, callable_name, fingerprint
 from mixq.sensitivity.table import (LayerSensitivity, SensitivityTable, correlations, output_sqnr_db,
                                     paired_bootstrap_ci)
 
@@ -105,22 +106,24 @@ def _out_sqnr(ref: list, outs: list) -> float:
 
 
 class _Progress:
-    """A progress bar over (layer, format) results, weighted by their expected cost for the ETA."""
+    """A progress bar over (layer, format, batch) pieces, weighted by expected cost for the ETA."""
 
-    def __init__(self, enabled: bool, desc: str, weights: list[float]) -> None:
-        self.total_items, self.done = len(weights), 0
+    def __init__(self, enabled: bool, desc: str, total: float, layers: int, batches: int) -> None:
+        self.layers, self.batches = layers, batches
+        self.done: dict[int, int] = {}
         self.bar = None
-        if enabled and weights:
+        if enabled and total > 0:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=sum(weights), desc=desc, leave=True, dynamic_ncols=True,
+            self.bar = tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True,
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
 
-    def step(self, weight: float, text: str) -> None:
-        self.done += 1
+    def step(self, weight: float, batch: int, text: str) -> None:
+        self.done[batch] = self.done.get(batch, 0) + 1
         if self.bar is not None:
-            self.bar.set_postfix_str(f"{self.done}/{self.total_items} layers, {text}", refresh=False)
-            self.bar.update(weight)
+            self.bar.set_postfix_str(f"batch {batch + 1}/{self.batches}, {self.done[batch]}/{self.layers} layers, "
+                                     f"{text}", refresh=False)
+            self.bar.update(max(0.0, min(weight, self.bar.total - self.bar.n)))  # float sums may overshoot
 
     def close(self) -> None:
         if self.bar is not None:
@@ -130,7 +133,7 @@ class _Progress:
 def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Iterable, eval_data: Iterable,
          metric: Callable, *, backend: str = "ort-cpu", formats: Optional[Sequence[str]] = None,
          layers: Optional[Sequence[str]] = None, modes: str | Sequence[str] = ONE_AT_A_TIME,
-         proxies: bool = True, proxy_data: str = "calib", bootstrap: int = 1000, confidence: float = 0.95,
+         proxies: bool = True, proxy_data: str = "calib", proxy_batch: Optional[int] = None, bootstrap: int = 1000, confidence: float = 0.95,
          calib_method: str = "max", method: str = "auto", store: Optional[str | Path] = None,
          fresh: bool = False, progress: bool = True, quant_mode: str = "auto", seed: int = 0,
          task_name: str = "", concrete_args: Optional[dict] = None) -> SensitivityTable:
@@ -147,6 +150,8 @@ def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Iterable, eval_
         modes: "one-at-a-time", "leave-one-out", "both", "none" or a list of modes.
         proxies: compute the SQNR / MSE / Fisher proxies.
         proxy_data: "calib" (default; proxies need no labels) or "eval".
+        proxy_batch: samples per forward-backward of the proxy pass (default: a quarter of an
+            evaluation batch, which keeps its memory near that of one FP32 evaluation).
         bootstrap: resamples for the intervals (0: no intervals).
         confidence: interval coverage.
         calib_method: activation calibration method.
@@ -186,7 +191,9 @@ def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Iterable, eval_
     meta = {"task": task_name, "backend": be.name, "metric": callable_name(metric)}
     timing: dict[str, Any] = {}
     # The store is checked before anything expensive: stale results fail fast.
-    with ScanStore(store, parts, fresh=fresh, meta=meta) as st:
+    with ScanStore(store, parts, fresh=fresh, meta=meta) as st, \
+            _partials(Path(store).with_name(Path(store).name + ".partial") if store is not None else None,
+                      st.created) as partials:
         qmodel = prepare(model, be.name, quant_mode, concrete_args)
         del model  # the caller may still hold it; the scan no longer needs it
         kinds = dict(qmodel.mixq.kinds)
@@ -202,15 +209,19 @@ def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Iterable, eval_
             qmodel.mixq.calib_method = calib_method
             add_formats(qmodel, all_formats, calib_method)
             t0 = time.perf_counter()
-            calibrate(qmodel, calib, calib_method)
+            calibrate(qmodel, _trimmed(calib), calib_method)
+            release_free_memory()
             timing["calibration_s"] = time.perf_counter() - t0
         if proxy_todo:
+            # A backward holds several forwards' worth of activations: a quarter of an evaluation
+            # batch at a time keeps the pass within the memory of one FP32 evaluation.
+            micro = proxy_batch or max(1, (batch_size(evalb[0][0]) or 4) // 4)
             _run_proxies(st, qmodel, scanner, proxy_todo, calib if proxy_data == "calib" else [b[0] for b in evalb],
-                         seed, timing, progress)
+                         seed, micro, timing, progress)
         for mode, base, sub in stages:
             pending = _pending(st, mode, base, sub)
             if pending is not None:
-                _run_exact(st, scanner, metric, targets, mode, base, pending, timing, progress)
+                _run_exact(st, partials, scanner, metric, targets, mode, base, pending, timing, progress)
         timing["method"] = scanner.method
         timing["total_s"] = time.perf_counter() - t_start
         table = _build(st, kinds, scanner.order(kinds), todo, all_formats, exact_modes, bootstrap, confidence,
@@ -226,6 +237,26 @@ def scan_task(task, **kwargs) -> SensitivityTable:
 
 
 # --------------------------------------------------------------------- stages
+@contextlib.contextmanager
+def _partials(folder: Optional[Path], new_store: bool):
+    """Partial outputs next to the results file; they belong to it, so a new file starts them over."""
+    p = PartialFiles(folder)
+    if new_store and folder is not None:
+        p.clear()
+        p = PartialFiles(folder)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def _trimmed(batches: list):
+    """The batches, handing freed memory back to the OS between them (see ``release_free_memory``)."""
+    for b in batches:
+        yield b
+        release_free_memory()
+
+
 def _missing_proxies(st: ScanStore, todo: dict) -> dict[str, list[str]]:
     missing = {u: [f for f in fs if st.get("proxy", None, u, f) is None] for u, fs in todo.items()}
     return {u: fs for u, fs in missing.items() if fs}
@@ -241,11 +272,11 @@ def _pending(st: ScanStore, mode: str, base: str, todo: dict) -> Optional[dict[s
 
 
 def _run_proxies(st: ScanStore, qmodel, scanner: ExactScanner, missing: dict, data: list, seed: int,
-                 timing: dict, progress: bool) -> None:
+                 micro_batch: Optional[int], timing: dict, progress: bool) -> None:
     if progress:
         print(f"proxies: one forward-backward pass over {len(data)} batches for "
               f"{sum(map(len, missing.values()))} (layer, format) pairs", flush=True)
-    res = proxy_scan(qmodel, data, missing, seed=seed, runner=scanner.runner)
+    res = proxy_scan(qmodel, data, missing, seed=seed, runner=scanner.runner, micro_batch=micro_batch)
     for (u, f), s in res.scores.items():
         st.add({"type": "proxy", "layer": u, "format": f, **s, "samples": res.samples})
     st.add({"type": "timing", "mode": "proxies", "seconds": res.seconds})
@@ -262,30 +293,33 @@ def _score(metric: Callable, outputs: list, targets: list, n: Optional[int]) -> 
     return s
 
 
-def _run_exact(st: ScanStore, scanner: ExactScanner, metric: Callable, targets: list, mode: str, base: str,
-               pending: dict, timing: dict, progress: bool) -> None:
+def _run_exact(st: ScanStore, partials: PartialFiles, scanner: ExactScanner, metric: Callable, targets: list,
+               mode: str, base: str, pending: dict, timing: dict, progress: bool) -> None:
     ref_out, ref_s = scanner.reference(mode, base)
     ref_scores = _score(metric, ref_out, targets, None)
-    st.add({"type": "reference", "mode": mode, "format": base, "metric": float(ref_scores.mean()),
-            "scores": ref_scores.tolist(), "seconds": ref_s})
+    old = st.get("reference", mode, None, base)
+    if old is None or old["scores"] != ref_scores.tolist():
+        st.add({"type": "reference", "mode": mode, "format": base, "metric": float(ref_scores.mean()),
+                "scores": ref_scores.tolist(), "seconds": ref_s})
     timing[f"{mode}:{base}:reference_s"] = ref_s
-    label = "FP32" if base == "fp32" else f"all-{base}"
     order = scanner.order(pending)
-    weights = [scanner.cost(u) for u in order for _ in pending[u]]
-    cost = {u: scanner.cost(u) for u in order}
+    nb = len(targets)
+    cost = {u: scanner.cost(u) / nb for u in order}
+    total = sum(cost[u] for u in order for f in pending[u] for b in range(nb)
+                if not partials.has(mode, base, u, f, b))
     fmts = base if mode == LEAVE_ONE_OUT else ",".join(sorted({f for fs in pending.values() for f in fs}))
-    bar = _Progress(progress, f"{mode} {fmts}", weights)
+    n_entries = sum(map(len, pending.values()))
+    bar = _Progress(progress, f"{mode} {fmts}", total, n_entries, nb)
     spent = 0.0
     try:
-        for fin in scanner.entries(mode, base, pending, ref_out):
+        for fin in scanner.entries(mode, base, pending, ref_out, partials,
+                                   lambda u, f, b: bar.step(cost[u], b, f"{u} {f}")):
             s = _score(metric, fin.outputs, targets, ref_scores.size)
             st.add({"type": "exact", "mode": mode, "layer": fin.unit, "format": fin.fmt,
                     "metric": float(s.mean()), "scores": s.tolist(), "out_sqnr_db": _out_sqnr(ref_out, fin.outputs),
                     "seconds": fin.seconds, "method": scanner.method})
+            partials.drop(mode, base, fin.unit, fin.fmt)
             spent += fin.seconds
-            delta = ref_scores.mean() - s.mean() if mode == ONE_AT_A_TIME else s.mean() - ref_scores.mean()
-            word = "drop" if mode == ONE_AT_A_TIME else "recovered"
-            bar.step(cost[fin.unit], f"{fin.unit} {fin.fmt}: {word} {delta:+.2f} vs {label}")
     finally:
         bar.close()
     timing[f"{mode}:{base}:entries_s"] = spent

@@ -32,6 +32,7 @@ from torch import fx, nn
 
 from mixq.quant.graph import followers, units
 from mixq.quantize import call_model, set_plan
+from mixq.sensitivity.exact import release_free_memory
 from mixq.sensitivity.graphrun import GraphRunner, tensors_of
 from mixq.sensitivity.table import output_sqnr_db
 
@@ -110,8 +111,38 @@ def _switch(mods: list[nn.Module], fmt: str) -> list[str]:
     return before
 
 
+def batch_size(batch: Any) -> Optional[int]:
+    """Leading size of the first tensor in a batch (None if it holds no tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    for v in values:
+        n = batch_size(v)
+        if n is not None:
+            return n
+    return None
+
+
+def split_batch(batch: Any, size: Optional[int]) -> list:
+    """Cut a batch into pieces of at most ``size`` samples along dim 0 (every tensor of that length)."""
+    n = batch_size(batch)
+    if not size or n is None or n <= size:
+        return [batch]
+
+    def take(x: Any, sl: slice) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x[sl] if x.dim() and x.shape[0] == n else x
+        if isinstance(x, dict):
+            return {k: take(v, sl) for k, v in x.items()}
+        if isinstance(x, (tuple, list)):
+            return type(x)(take(v, sl) for v in x)
+        return x
+
+    return [take(batch, slice(i, i + size)) for i in range(0, n, size)]
+
+
 def proxy_scan(qmodel: nn.Module, batches: Sequence[Any], todo: dict[str, list[str]], seed: int = 0,
-               runner: Optional[GraphRunner] = None) -> ProxyResult:
+               runner: Optional[GraphRunner] = None, micro_batch: Optional[int] = None) -> ProxyResult:
     """Compute sqnr_db, mse and fisher for every (unit, format) in ``todo`` in one pass.
 
     Args:
@@ -120,6 +151,8 @@ def proxy_scan(qmodel: nn.Module, batches: Sequence[Any], todo: dict[str, list[s
         todo: {unit: [formats]}.
         seed: seed of the output-space probes.
         runner: a ``GraphRunner`` for FX models (None: module hooks, each unit on its own).
+        micro_batch: run the forward-backward on at most this many samples at a time (a backward
+            holds several times the activations of a forward; the scores are sums over samples).
 
     Returns:
         A ``ProxyResult``; ``fisher`` is 0 for a layer the output does not depend on.
@@ -139,7 +172,7 @@ def proxy_scan(qmodel: nn.Module, batches: Sequence[Any], todo: dict[str, list[s
     samples = 0
     probes: list[_Probe] = []  # the hooks append to this very list, so it is cleared, never replaced
     try:
-        for batch in batches:
+        for batch in (piece for b in batches for piece in split_batch(b, micro_batch)):
             probes.clear()
             with torch.enable_grad():
                 if runner is not None:
@@ -160,6 +193,8 @@ def proxy_scan(qmodel: nn.Module, batches: Sequence[Any], todo: dict[str, list[s
             for p in probes:
                 if not p.fired:
                     p(None)
+            probes.clear()
+            release_free_memory()
     finally:
         for h in hooks:
             h.remove()

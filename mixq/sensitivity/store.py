@@ -122,6 +122,7 @@ class ScanStore:
         self.parts = dict(parts)
         self.records: dict[tuple, dict] = {}
         self._lock = None
+        self.created = True  # False when existing results were read
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +132,7 @@ class ScanStore:
                 self.path.unlink()
             if self.path.exists() and self.path.stat().st_size > 0:
                 self._read()
+                self.created = False
             else:
                 header = {"type": "header", "version": STORE_VERSION, "fingerprint": self.parts, **(meta or {})}
                 write_atomic(self.path, json.dumps(header) + "\n")
@@ -214,3 +216,60 @@ class ScanStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class PartialFiles:
+    """Per-(mode, base, layer, format, batch) outputs of unfinished results, one file each.
+
+    They live next to the results file (``scan.partial/``) and belong to its fingerprint; a
+    finished result's files are deleted once its scores are in the results file. Each file is
+    written to a temporary name, fsync'ed and renamed, so a kill never leaves half a file.
+
+    Args:
+        folder: where the files go; None uses a temporary folder removed by ``close``.
+    """
+
+    def __init__(self, folder: Optional[str | os.PathLike]) -> None:
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="mixq-scan-") if folder is None else None
+        self.folder = Path(self._tmp.name if folder is None else folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, mode: str, base: str, unit: str, fmt: str, batch: int) -> Path:
+        return self.folder / f"{mode}.{base}.{fmt}.{batch}.{unit}.pt"
+
+    def has(self, mode: str, base: str, unit: str, fmt: str, batch: int) -> bool:
+        return self._path(mode, base, unit, fmt, batch).is_file()
+
+    def put(self, mode: str, base: str, unit: str, fmt: str, batch: int, value: Any) -> None:
+        import torch
+
+        p = self._path(mode, base, unit, fmt, batch)
+        tmp = p.with_name(p.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(value, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+
+    def get(self, mode: str, base: str, unit: str, fmt: str, batch: int) -> Any:
+        import torch
+
+        # Our own files in the run folder; outputs may be any structure of tensors, not only weights.
+        return torch.load(self._path(mode, base, unit, fmt, batch), map_location="cpu", weights_only=False)
+
+    def drop(self, mode: str, base: str, unit: str, fmt: str) -> None:
+        for p in self.folder.glob(f"{mode}.{base}.{fmt}.*.{unit}.pt"):
+            if p.name.split(".", 4)[4] == f"{unit}.pt":
+                p.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
