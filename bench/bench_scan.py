@@ -137,9 +137,12 @@ def memory_probe(name: str, what: str, fmt: str) -> None:
 
 
 def bench_memory(name: str, fmt: str) -> dict:
+    import torch
+
     res = {}
     for what in ("fp32", "scan", "scan+proxies"):
-        r = subprocess.run([sys.executable, __file__, "--memory-probe", what, "--examples", name, "--format", fmt],
+        r = subprocess.run([sys.executable, __file__, "--memory-probe", what, "--examples", name, "--format", fmt,
+                            "--threads", str(torch.get_num_threads())],
                            capture_output=True, text=True, cwd=ROOT)
         if r.returncode != 0:
             raise RuntimeError(r.stderr)
@@ -174,12 +177,15 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--memory", default="minilm", help="examples to measure memory on ('' for none)")
     p.add_argument("--out", default=str(ROOT / "reports" / "bench_scan.json"))
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    import torch
+
+    torch.set_num_threads(a.threads)  # the machine is shared: one intra-op thread gives stable medians
     if a.memory_probe:
         memory_probe(a.examples, a.memory_probe, a.format)
         return 0
-    import torch
 
     results = []
     for name in [x for x in a.examples.split(",") if x]:

