@@ -1,7 +1,7 @@
 """Reports from artifacts: a sensitivity table (JSON) -> Markdown + PNG figures.
 
 Reads only the JSON a scan wrote (``sensitivity.json``); imports neither torch nor the rest of
-mixq (only ``mixq.artifacts``), so it runs anywhere numpy and matplotlib do (``python mixq/report.py RUN/sensitivity.json``).
+mixq, so it runs anywhere numpy and matplotlib do (``python mixq/report.py RUN/sensitivity.json``).
 Figures are drawn on matplotlib's Agg canvas directly, leaving the user's backend alone.
 
     scan_report("runs/minilm/sensitivity.json", "reports/scan_minilm")
@@ -14,12 +14,11 @@ import json
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
-
-from mixq.artifacts import write_atomic
 
 FORMAT_COLORS = {"int8": "#1f77b4", "int4_wo": "#d62728", "fp8_e4m3": "#2ca02c", "fp16": "#9467bd",
                  "bf16": "#8c564b"}
@@ -30,6 +29,23 @@ PROXY_FIELDS = {"sqnr": "sqnr_db", "fisher": "fisher", "mse": "mse"}
 
 class ReportError(ValueError):
     """The input is not a sensitivity table this report understands."""
+
+
+def _write(path: Path, data: str | bytes) -> Path:
+    # Same as mixq.artifacts.write_atomic, which cannot be imported without torch: importing any
+    # mixq submodule runs mixq/__init__, whose `mixq.quantize` / `mixq.inventory` are functions named
+    # like their modules, so they cannot be loaded lazily (a PEP 562 attempt broke `mixq.quantize(...)`).
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def load_table(src: str | os.PathLike | Mapping) -> dict:
@@ -216,7 +232,7 @@ def _save(fig, path: Path) -> Path:
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
-    return write_atomic(path, buf.getvalue())
+    return _write(path, buf.getvalue())
 
 
 def _color(fmt: str, i: int) -> str:
@@ -339,7 +355,7 @@ def scan_report(src: str | os.PathLike | Mapping, out_dir: str | os.PathLike) ->
     if p:
         paths["proxies"] = p
     figs = [x.name for x in (d, p) if x]
-    paths["markdown"] = write_atomic(out / "report.md", markdown(t, figs))
+    paths["markdown"] = _write(out / "report.md", markdown(t, figs))
     return paths
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import mixq
 import zoo
-from mixq.engine.ort import EngineError, PlanLatency, build, kernel_counts
+from mixq.engine.ort import EngineError, build, kernel_counts
 from mixq.export import export_float_graph, apply_plan
 from mixq.plan import QuantPlan
 from mixq.verify import infer_output_kind, verify
@@ -172,16 +172,6 @@ def test_kernel_counts_float_model_has_no_integer_kernels(residual_q):
     q, g, _ = residual_q
     kc = kernel_counts(g.float_model())
     assert kc.num_integer == 0 and kc.quantize == 0 and kc.float_total > 0
-
-
-def test_plan_latency_measures_each_plan_once(residual_q):
-    q, g, x = residual_q
-    lat = PlanLatency(g, q, batch=2, runs=3, warmup=1, inputs=x)
-    a = lat(QuantPlan.uniform("int8"))
-    assert lat(QuantPlan(default="int8")) is a  # same resolved plan, same answer, not measured again
-    lat(QuantPlan(layers={"fc": "fp32"}))
-    assert lat.measured == 2 and lat.hits == 1 and len(lat.cache) == 2
-    assert a["batch"] == 2 and a["runs"] == 3
 
 
 # ---------------------------------------------------------------------------------------- CLI

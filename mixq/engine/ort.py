@@ -2,9 +2,8 @@
 and count which layers became integer kernels.
 
 The interface is deliberately narrow: ``build(onnx_model) -> OrtEngine``, ``OrtEngine.run(inputs)``,
-``OrtEngine.latency(batch, runs, warmup)`` and ``OrtEngine.kernel_counts()``. ``PlanLatency``
-measures plans through ``mixq.export`` with a cache keyed by the resolved plan, so a search never
-measures the same plan twice.
+``OrtEngine.latency(batch, runs, warmup)`` and ``OrtEngine.kernel_counts()``. Measuring plans for a
+search (each distinct plan once, cached) is ``mixq.latency.OrtLatency``, which builds on this.
 
 ``build`` disables two optimizers by default: ``DoubleQDQPairsRemover`` merges two consecutive Q/DQ
 pairs with different numbers into one pair (which does not round like the simulation), and
@@ -19,7 +18,6 @@ quantized layer that stayed float.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -376,50 +374,3 @@ def kernel_counts(model: onnx.ModelProto | OrtEngine, unit_nodes: Optional[Mappi
     engine = model if isinstance(model, OrtEngine) else build(model, threads)
     return engine.kernel_counts(unit_nodes, quantized)
 
-
-def plan_key(resolved: Mapping[str, str], **settings) -> str:
-    """The cache key of a plan: its resolved {layer: format} and the measurement settings, as JSON."""
-    return json.dumps({"layers": dict(sorted(resolved.items())), **settings}, sort_keys=True)
-
-
-class PlanLatency:
-    """Measures plans on ONNX Runtime through mixq's export, each distinct plan once.
-
-    Args:
-        graph: a ``mixq.export.FloatGraph`` of the model (ort-cpu flavour).
-        qmodel: the calibrated model the graph was exported from.
-        batch / runs / warmup / threads: measurement settings (part of the cache key).
-        inputs: an example batch (tiled or sliced to ``batch``); default: synthetic inputs.
-
-    Attributes:
-        cache: plan key -> latency dict (see ``OrtEngine.latency``), plus "kernels" counts.
-        measured / hits: how many plans were measured and how many answers came from the cache.
-    """
-
-    def __init__(self, graph, qmodel, batch: int = 1, runs: int = 100, warmup: int = 10,
-                 threads: int = DEFAULT_THREADS, inputs: Any = None) -> None:
-        self.graph, self.qmodel = graph, qmodel
-        self.batch, self.runs, self.warmup, self.threads, self.inputs = batch, runs, warmup, threads, inputs
-        self.cache: dict[str, dict] = {}
-        self.measured = self.hits = 0
-
-    def key(self, plan) -> str:
-        from mixq.export import resolve_plan
-
-        return plan_key(resolve_plan(self.graph, plan), batch=self.batch, runs=self.runs, threads=self.threads)
-
-    def __call__(self, plan) -> dict:
-        """Latency dict of ``plan`` (measured on first request, then cached)."""
-        from mixq.export import apply_plan
-
-        key = self.key(plan)
-        if key in self.cache:
-            self.hits += 1
-            return self.cache[key]
-        model = apply_plan(self.graph, self.qmodel, plan)
-        engine = build(model, self.threads, example_inputs=self.inputs)
-        result = engine.latency(self.batch, self.runs, self.warmup)
-        result["disabled_optimizers"] = engine.disabled_optimizers
-        self.cache[key] = result
-        self.measured += 1
-        return result
