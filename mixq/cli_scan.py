@@ -37,6 +37,9 @@ def register(sub, add_task_args: Callable, task_of: Callable, run_dir_of: Callab
                    help="compute the SQNR / MSE / Fisher proxies (default: on)")
     p.add_argument("--proxy-data", default="calib", choices=("calib", "eval"),
                    help="data for the proxies (default: calibration data; they need no labels)")
+    p.add_argument("--proxy-batch", type=int, default=None,
+                   help="samples per forward-backward of the proxy pass (default: a quarter of an evaluation "
+                        "batch; lower it if the proxies run out of memory)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
     p.add_argument("--confidence", type=float, default=0.95, help="interval coverage (default 0.95)")
     p.add_argument("--calib-method", default="max", help="max, entropy, percentile or mse")
@@ -56,7 +59,8 @@ def cmd_scan(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable) 
     task = task_of(args)
     run_dir = Path(run_dir_of(args, task))
     table = scan_task(task, backend=args.backend, formats=_names(args.formats), layers=_names(args.layers),
-                      modes=args.mode, proxies=args.proxies, proxy_data=args.proxy_data, bootstrap=args.bootstrap,
+                      modes=args.mode, proxies=args.proxies, proxy_data=args.proxy_data,
+                      proxy_batch=args.proxy_batch, bootstrap=args.bootstrap,
                       confidence=args.confidence, calib_method=args.calib_method, method=args.method,
                       store=run_dir / "scan.jsonl", fresh=args.fresh, progress=not args.no_progress, seed=args.seed)
     print(summary(table))

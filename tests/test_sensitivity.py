@@ -312,6 +312,21 @@ def test_proxies_against_autograd_reference():
     assert all(p.requires_grad for p in q.parameters()), "parameters must be unfrozen again"
 
 
+def test_proxy_micro_batches_give_the_same_layer_errors():
+    """Splitting batches changes only the Fisher probes' draws, never the layer SQNR / MSE."""
+    q, calib, _, _ = _prepared("attn")
+    s = ExactScanner(q, [], "fast")
+    todo = {"ff1": ["int8"], "q": ["int8"]}
+    whole = proxy_scan(q, calib, todo, seed=5, runner=s.runner)
+    n = calib[0][0].shape[0] if isinstance(calib[0], (tuple, list)) else calib[0].shape[0]
+    split = proxy_scan(q, calib, todo, seed=5, runner=s.runner, micro_batch=max(1, n // 3))
+    assert split.samples == whole.samples
+    for key in whole.scores:
+        assert split.scores[key]["sqnr_db"] == pytest.approx(whole.scores[key]["sqnr_db"], rel=1e-5)
+        assert split.scores[key]["mse"] == pytest.approx(whole.scores[key]["mse"], rel=1e-5)
+        assert split.scores[key]["fisher"] > 0
+
+
 def test_proxy_includes_the_output_quantizer_behind_relu():
     """ort-cpu moves conv1's output quantizer behind the ReLU; the proxy measures after it."""
     q, calib, _, _ = _prepared("cnn")
@@ -447,6 +462,8 @@ def test_bad_inputs_are_clear_errors():
         scan(model, calib, evalb, metric, formats=["fp32"], **kw)
     with pytest.raises(ScanError, match="unknown scan mode"):
         scan(model, calib, evalb, metric, modes="sideways", **kw)
+    with pytest.raises(ScanError, match="proxy_batch must be a positive number.*got 0"):
+        scan(model, calib, evalb, metric, proxy_batch=0, **kw)
     with pytest.raises(MixqError, match="calibration loader yielded no batch"):
         scan(model, [], evalb, metric, **kw)
     with pytest.raises(ScanError, match="per-sample scores here"):

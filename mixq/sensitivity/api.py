@@ -133,7 +133,8 @@ class _Progress:
 def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Iterable, eval_data: Iterable,
          metric: Callable, *, backend: str = "ort-cpu", formats: Optional[Sequence[str]] = None,
          layers: Optional[Sequence[str]] = None, modes: str | Sequence[str] = ONE_AT_A_TIME,
-         proxies: bool = True, proxy_data: str = "calib", proxy_batch: Optional[int] = None, bootstrap: int = 1000, confidence: float = 0.95,
+         proxies: bool = True, proxy_data: str = "calib", proxy_batch: Optional[int] = None,
+         bootstrap: int = 1000, confidence: float = 0.95,
          calib_method: str = "max", method: str = "auto", store: Optional[str | Path] = None,
          fresh: bool = False, progress: bool = True, quant_mode: str = "auto", seed: int = 0,
          task_name: str = "", concrete_args: Optional[dict] = None) -> SensitivityTable:
@@ -151,7 +152,8 @@ def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Iterable, eval_
         proxies: compute the SQNR / MSE / Fisher proxies.
         proxy_data: "calib" (default; proxies need no labels) or "eval".
         proxy_batch: samples per forward-backward of the proxy pass (default: a quarter of an
-            evaluation batch, which keeps its memory near that of one FP32 evaluation).
+            evaluation batch, which keeps its memory near that of one FP32 evaluation). A memory
+            knob only: the scores are sums over samples, so it is not part of the fingerprint.
         bootstrap: resamples for the intervals (0: no intervals).
         confidence: interval coverage.
         calib_method: activation calibration method.
@@ -175,6 +177,9 @@ def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Iterable, eval_
     exact_modes = _modes(modes)
     if proxy_data not in PROXY_DATA:
         raise ScanError(f"proxy_data must be one of {', '.join(PROXY_DATA)}, got {proxy_data!r}.")
+    if proxy_batch is not None and (isinstance(proxy_batch, bool) or not isinstance(proxy_batch, int)
+                                    or proxy_batch < 1):
+        raise ScanError(f"proxy_batch must be a positive number of samples or None, got {proxy_batch!r}.")
     if bootstrap < 0 or not 0.0 < confidence < 1.0:
         raise ScanError(f"`bootstrap >= 0` and `0 < confidence < 1` must hold, but got "
                         f"(bootstrap={bootstrap}, confidence={confidence}).")
