@@ -256,7 +256,11 @@ def _partials(folder: Optional[Path], new_store: bool):
 
 
 def _trimmed(batches: list):
-    """The batches, handing freed memory back to the OS between them (see ``release_free_memory``)."""
+    """The batches, handing freed memory back to the OS after each (see ``release_free_memory``).
+
+    Calibration is where a scan's resident memory peaked (MiniLM: 1.7x an FP32 evaluation without
+    this, as the heap grew batch after batch); it costs a few percent of the scan's time.
+    """
     for b in batches:
         yield b
         release_free_memory()

@@ -194,12 +194,12 @@ def proxy_scan(qmodel: nn.Module, batches: Sequence[Any], todo: dict[str, list[s
                 if not p.fired:
                     p(None)
             probes.clear()
-            release_free_memory()
     finally:
         for h in hooks:
             h.remove()
         for p, f in zip(params, flags):
             p.requires_grad_(f)
+    release_free_memory()
     res = ProxyResult(seconds=time.perf_counter() - t0, samples=samples)
     for key, a in accs.items():
         if a.elements == 0:
