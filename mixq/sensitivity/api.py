@@ -19,8 +19,8 @@ from mixq.errors import UnsupportedFormatError, did_you_mean
 from mixq.formats import FORMATS, get_backend, get_format
 from mixq.quantize import add_formats, calibrate, prepare
 from mixq.sensitivity.errors import ScanError
-from mixq.sensitivity.exact import EXACT_MODES, LEAVE_ONE_OUT, ONE_AT_A_TIME, ExactScanner, release_free_memory
-from mixq.sensitivity.graphrun import tensors_of
+from mixq.sensitivity.exact import EXACT_MODES, LEAVE_ONE_OUT, ONE_AT_A_TIME, ExactScanner
+from mixq.sensitivity.graphrun import release_free_memory, tensors_of
 from mixq.sensitivity.proxies import batch_size, proxy_scan
 from mixq.sensitivity.store import PartialFiles, ScanStore, callable_name, fingerprint
 from mixq.sensitivity.table import (LayerSensitivity, SensitivityTable, correlations, output_sqnr_db,

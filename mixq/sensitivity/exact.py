@@ -30,7 +30,8 @@ from torch import fx, nn
 from mixq.plan import QuantPlan
 from mixq.quant.graph import followers, units
 from mixq.quantize import call_model, set_plan
-from mixq.sensitivity.graphrun import Cursor, GraphRunner, NotReplayable, Schedule, SuffixPlan, unit_order
+from mixq.sensitivity.graphrun import (Cursor, GraphRunner, NotReplayable, Schedule, SuffixPlan,
+                                      release_free_memory, unit_order)
 
 ONE_AT_A_TIME = "one-at-a-time"
 LEAVE_ONE_OUT = "leave-one-out"
@@ -167,11 +168,11 @@ class ExactScanner:
             for fmt in todo[unit]:
                 t0 = time.perf_counter()
                 outs = []
-                for b in range(len(self.inputs)):
-                    with torch.no_grad(), self.switched(unit, override_format(mode, fmt)):
-                        outs.append(call_model(self.qmodel, self.inputs[b]))
-                    if on_step:
-                        on_step(unit, fmt, b)
+                with torch.no_grad(), self.switched(unit, override_format(mode, fmt)):
+                    for b, batch in enumerate(self.inputs):
+                        outs.append(call_model(self.qmodel, batch))
+                        if on_step:
+                            on_step(unit, fmt, b)
                 yield Finished(unit, fmt, outs, time.perf_counter() - t0)
 
     def _fast(self, mode: str, base_fmt: str, order: list[str], todo: dict[str, list[str]],
@@ -215,30 +216,6 @@ class ExactScanner:
     def _full(self, unit: str, mode: str, fmt: str, batch: Any) -> Any:
         with self.switched(unit, override_format(mode, fmt)):
             return self.runner.run(batch)
-
-
-def release_free_memory() -> None:
-    """Give freed heap memory back to the OS (glibc only; elsewhere a no-op).
-
-    glibc raises its mmap threshold after large frees, so later activations come from the heap,
-    which then only grows: without this, a MiniLM scan's resident memory ended near 2.6x that of
-    an FP32 evaluation although its live tensors were about 1.1x. The scan trims between stages
-    and between the batches of a sweep, not after every forward: memory handed back is faulted
-    in again by the next forward, which made a trimmed MNIST forward 1.5x slower.
-    """
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
-
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
 
 
 class Partials:

@@ -329,6 +329,30 @@ def _all_tensors(x: Any) -> Iterable[torch.Tensor]:
             yield from _all_tensors(v)
 
 
+def release_free_memory() -> None:
+    """Give freed heap memory back to the OS (glibc only; elsewhere a no-op).
+
+    glibc raises its mmap threshold after large frees, so later activations come from the heap,
+    which then only grows: without this, a MiniLM scan's resident memory ended near 2.6x that of
+    an FP32 evaluation although its live tensors were about 1.1x. The scan trims between stages
+    and between the batches of a sweep, not after every forward: memory handed back is faulted
+    in again by the next forward, which made a trimmed MNIST forward 1.5x slower.
+    """
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
 def unit_order(runner: GraphRunner, names: Iterable[str]) -> list[str]:
     """Units sorted by their first call in the graph (the order a cursor can follow)."""
     first = {}

@@ -32,8 +32,7 @@ from torch import fx, nn
 
 from mixq.quant.graph import followers, units
 from mixq.quantize import call_model, set_plan
-from mixq.sensitivity.exact import release_free_memory
-from mixq.sensitivity.graphrun import GraphRunner, tensors_of
+from mixq.sensitivity.graphrun import GraphRunner, release_free_memory, tensors_of
 from mixq.sensitivity.table import output_sqnr_db
 
 
