@@ -6,6 +6,7 @@ the fallback when tracing fails).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from dataclasses import dataclass, field
@@ -184,6 +185,59 @@ def set_plan(qmodel: nn.Module, plan: QuantPlan | str) -> dict[str, str]:
         fol.set_format(owners[fol.owner].active_format)
     st.plan = plan
     return resolved
+
+
+def _active_formats(qmodel: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(m, m.active_format) for m in qmodel.modules() if isinstance(m, QuantMixin)]
+
+
+@contextlib.contextmanager
+def applied(qmodel: nn.Module, plan: QuantPlan | str | dict):
+    """Run ``qmodel`` under ``plan`` inside the block; the previous formats (followers included) come back after.
+
+    Yields:
+        The resolved {layer: format} of ``plan``.
+
+    Raises:
+        the errors of ``set_plan``; nothing is switched when the plan does not fit.
+    """
+    st = _state(qmodel)
+    before, previous = _active_formats(qmodel), st.plan
+    try:
+        yield set_plan(qmodel, plan)
+    finally:
+        for m, f in before:
+            m.active_format = f
+        st.plan = previous
+
+
+@contextlib.contextmanager
+def switched(qmodel: nn.Module, formats: dict[str, str]):
+    """Run the named units (and the output quantizers that follow them) in the given formats inside the block.
+
+    Unlike ``applied`` this changes only the named units; the rest keep their formats.
+
+    Raises:
+        PlanError: a unit the model does not have, or a format not prepared for it.
+    """
+    from mixq.errors import PlanError
+
+    _state(qmodel)
+    owners = units(qmodel)
+    missing = [u for u in formats if u not in owners]
+    if missing:
+        raise PlanError(f"unknown unit(s) {missing[:5]}; the model has {len(owners)} units (see `mixq inventory`).")
+    before = _active_formats(qmodel)
+    try:
+        for u, f in formats.items():
+            owners[u].set_format(f)
+        for fol in followers(qmodel):
+            if fol.owner in formats:
+                fol.set_format(owners[fol.owner].active_format)
+        yield
+    finally:
+        for m, f in before:
+            m.active_format = f
 
 
 def _as_plan(plan: QuantPlan | str | dict, backend: str) -> QuantPlan:
