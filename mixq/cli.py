@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib", help="spec of a function returning calibration batches")
     g.add_argument("--eval", help="spec of a function returning (inputs, targets) evaluation batches")
     g.add_argument("--metric", help="spec of a function(outputs, targets) -> per-sample scores")
-    p.add_argument("--backend", default="ort-cpu", help="ort-cpu (default) or tensorrt")
+    p.add_argument("--backend", default=None,
+                   help="ort-cpu (the default) or tensorrt; given beside --plan, it overrides the plan's backend")
     p.add_argument("--run-dir", default=None, help="folder for artifacts (default: runs/<task name>)")
 
 
@@ -33,6 +35,9 @@ def _task(args: argparse.Namespace):
 
     specs = [args.model, args.calib, args.eval, args.metric]
     if any(specs):
+        if args.example:
+            raise MixqError(f"--example {args.example} and --model/--calib/--eval/--metric are alternatives: "
+                            "give the example, or your four specs, not both.")
         if not all(specs):
             raise MixqError("--model, --calib, --eval and --metric go together: give all four specs, or --example.")
         return Task.from_specs(*specs)
@@ -40,9 +45,57 @@ def _task(args: argparse.Namespace):
 
 
 def _run_dir(args: argparse.Namespace, task) -> Path:
+    """The run folder, created and checked writable now (before any expensive work).
+
+    Raises:
+        MixqError: the path is a file, cannot be created, or is not writable.
+    """
     d = Path(args.run_dir or Path("runs") / task.name)
-    d.mkdir(parents=True, exist_ok=True)
+    if d.exists() and not d.is_dir():
+        raise MixqError(f"--run-dir {str(d)!r} is a file, not a folder; give a folder path (it is created if missing).")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MixqError(f"cannot create the run folder {str(d)!r}: {e.strerror or e}; give a writable --run-dir.") from None
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise MixqError(f"the run folder {str(d)!r} is not writable; give a writable --run-dir.")
     return d
+
+
+def plan_from_args(args: argparse.Namespace):
+    """The plan the command line asks for, under one rule: a flag given on the command line wins, and is said.
+
+    ``--plan FILE`` loads a plan; ``--backend`` and ``--calib-method`` given beside it override the plan's values
+    (printed). Without ``--plan``, ``--format`` (default int8) applies to every unit.
+
+    Returns:
+        (plan, label) where label names the plan in file names and messages.
+
+    Raises:
+        MixqError: --format given beside --plan, or an invalid plan / value.
+    """
+    from mixq.plan import QuantPlan
+
+    backend, method = getattr(args, "backend", None), getattr(args, "calib_method", None)
+    fmt = getattr(args, "format", None)
+    if args.plan:
+        if fmt is not None:
+            raise MixqError(f"--format {fmt} and --plan {args.plan} are alternatives: a plan names each unit's "
+                            "format; drop one of them.")
+        plan = QuantPlan.load(args.plan)
+        changes = {}
+        if backend is not None and backend != plan.backend:
+            changes["backend"] = backend
+        if method is not None and method != plan.calib_method:
+            changes["calib_method"] = method
+        if changes:
+            said = ", ".join(f"--{k.replace('_', '-')} {v} overrides the plan's {k} {getattr(plan, k)!r}"
+                             for k, v in changes.items())
+            plan = QuantPlan.from_dict({**plan.to_dict(), **changes})
+            print(f"mixq: {said}", flush=True)
+        return plan, Path(args.plan).stem
+    plan = QuantPlan.uniform(fmt or "int8", backend or "ort-cpu", method or "max")
+    return plan, f"all-{plan.default}"
 
 
 def cmd_inventory(args: argparse.Namespace) -> int:
@@ -50,40 +103,54 @@ def cmd_inventory(args: argparse.Namespace) -> int:
     from mixq.inventory import inventory, inventory_json, inventory_table
 
     task = _task(args)
+    d = _run_dir(args, task)
     model = task.model_fn()
     batch = next(iter(task.calib_fn()), None)
     if batch is None:
         raise MixqError("the calibration loader yielded no batch; inventory needs one example batch.")
-    layers = inventory(model, batch, backend=args.backend)
+    layers = inventory(model, batch, backend=args.backend or "ort-cpu")
     print(inventory_table(layers))
-    out = write_atomic(_run_dir(args, task) / "inventory.json", inventory_json(layers))
+    out = write_atomic(d / "inventory.json", inventory_json(layers))
     print(f"wrote {out}")
     return 0
+
+
+def _stage(text: str) -> float:
+    """Say what starts now (long stages take minutes on big models); return the start time."""
+    print(text, flush=True)
+    return time.perf_counter()
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from mixq.artifacts import write_atomic
     from mixq.plan import QuantPlan
     from mixq.quantize import quantize
+    from mixq.quant.descriptor import CALIB_METHODS
     from mixq.task import evaluate
 
     task = _task(args)
-    plan = QuantPlan.load(args.plan) if args.plan else QuantPlan.uniform(args.format, args.backend, args.calib_method)
-    methods = args.calib_methods.split(",") if args.calib_methods else [plan.calib_method]
+    d = _run_dir(args, task)
+    plan, label = plan_from_args(args)
+    if args.calib_methods and args.calib_method:
+        raise MixqError("--calib-method and --calib-methods are alternatives: give one method, or a list to compare.")
+    methods = [m.strip() for m in args.calib_methods.split(",")] if args.calib_methods else [plan.calib_method]
+    bad = [m for m in methods if m not in CALIB_METHODS]
+    if bad:
+        raise MixqError(f"unknown calibration method(s) {bad}; valid methods are {', '.join(CALIB_METHODS)}.")
     model = task.model_fn()
     calib, evald = task.calib_fn(), task.eval_fn()
-    t0 = time.perf_counter()
+    t0 = _stage(f"{task.name}: evaluating FP32 on the evaluation set ...")
     fp32, _ = evaluate(model, evald, task.metric_fn)
     rows = [{"config": "fp32", "calib_method": "-", "metric": fp32, "drop": 0.0}]
-    print(f"{task.name}: FP32 metric {fp32:.2f}")
+    print(f"{task.name}: FP32 metric {fp32:.2f}", flush=True)
     for method in methods:
-        q = quantize(model, plan, calib_data=calib, calib_method=method)
+        _stage(f"{task.name}: calibrating {label} ({plan.backend}, {method}) and evaluating ...")
+        mplan = QuantPlan.from_dict({**plan.to_dict(), "calib_method": method})
+        q = quantize(model, mplan, calib_data=calib)
         val, _ = evaluate(q, evald, task.metric_fn)
-        label = args.plan or f"all-{plan.default}"
         rows.append({"config": label, "calib_method": method, "metric": val, "drop": fp32 - val, "mode": q.mixq.mode})
         print(f"{task.name}: {label} ({plan.backend}, {method} calibration, {q.mixq.mode} mode) metric {val:.2f} "
-              f"(drop {fp32 - val:+.2f})")
-    d = _run_dir(args, task)
+              f"(drop {fp32 - val:+.2f})", flush=True)
     plan.save(d / "plan.json")
     result = {"task": task.name, "backend": plan.backend, "rows": rows, "seconds": time.perf_counter() - t0}
     write_atomic(d / "quantize.json", json.dumps(result, indent=1))
@@ -91,12 +158,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-# Later stages register their own subcommands: register(subparsers, add_task_args, task_of, run_dir_of).
-_STAGE_COMMANDS: tuple[str, ...] = ("mixq.cli_scan", "mixq.cli_deploy", "mixq.cli_bench")
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    """The main job: quantize + evaluate, then deploy on ONNX Runtime, verify it, and time it."""
+    """The main job: quantize + evaluate, then deploy on ONNX Runtime, verify it, and time it.
+
+    Exits 1 when the engine-vs-simulation check fails.
+    """
     from mixq.artifacts import write_atomic
     from mixq.latency.ort import OrtLatency
     from mixq.plan import QuantPlan
@@ -105,36 +171,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mixq.verify import verify
 
     task = _task(args)
-    plan = QuantPlan.load(args.plan) if args.plan else QuantPlan.uniform(args.format, args.backend, args.calib_method)
+    d = _run_dir(args, task)
+    plan, label = plan_from_args(args)
+    if args.runs < 1:
+        raise MixqError(f"--runs must be at least 1, got {args.runs}.")
     model = task.model_fn()
     calib, evald = task.calib_fn(), task.eval_fn()
-    d = _run_dir(args, task)
-    t0 = time.perf_counter()
+    t0 = _stage(f"[1/3] {task.name}: FP32 evaluation, calibration ({plan.calib_method}) and {label} evaluation ...")
     fp32, _ = evaluate(model, evald, task.metric_fn)
     q = quantize(model, plan, calib_data=calib)
     sim, _ = evaluate(q, evald, task.metric_fn)
-    label = args.plan or f"all-{plan.default}"
     print(f"[1/3] {task.name}: FP32 {fp32:.2f} -> {label} ({plan.backend}, {plan.calib_method} calibration, "
           f"{q.mixq.mode} mode) {sim:.2f} (drop {fp32 - sim:+.2f})", flush=True)
     summary = {"task": task.name, "plan": plan.to_dict(), "fp32_metric": fp32, "sim_metric": sim}
+    passed = True
     if plan.backend == "ort-cpu":
+        _stage("[2/3] exporting to ONNX and running the evaluation set on ONNX Runtime and the simulation ...")
         res = verify(q, plan, evald, task.metric_fn)
         summary["verify"] = res.to_dict()
+        passed = res.passed
         print(f"[2/3] engine vs simulation: {res.summary()}", flush=True)
         lat = OrtLatency(q, calib[0][:1] if not isinstance(calib[0], (tuple, list)) else tuple(t[:1] for t in calib[0]),
                          runs=args.runs)
+        _stage(f"[3/3] timing FP32 and {label} on ONNX Runtime ({args.runs} runs each) ...")
         ms_fp32, ms_q = lat(QuantPlan(backend=plan.backend, default="fp32")), lat(plan)
         summary["latency_ms"] = {"fp32": ms_fp32, label: ms_q}
         print(f"[3/3] ONNX Runtime CPU latency, batch 1, 1 thread (median of {args.runs}): FP32 {ms_fp32:.2f} ms, "
               f"{label} {ms_q:.2f} ms ({ms_fp32 / ms_q:.2f}x)", flush=True)
     else:
-        print("[2/3] [3/3] engine verification and latency need the backend's engine; "
+        print(f"[2/3] [3/3] not verified or timed: the {plan.backend} engine is not available here; "
               "`mixq export` writes the TensorRT-flavour ONNX.")
+    summary["passed"] = passed
     plan.save(d / "plan.json")
     summary["seconds"] = time.perf_counter() - t0
     write_atomic(d / "run.json", json.dumps(summary, indent=1, default=str))
     print(f"wrote {d / 'plan.json'} and {d / 'run.json'}")
+    if not passed:
+        print(f"mixq: FAILED: the engine does not compute what the simulation computes ({'; '.join(res.failures)}); "
+              f"see {d / 'run.json'}", file=sys.stderr)
+        return 1
     return 0
+
+
+# Later stages register their own subcommands: register(subparsers, add_task_args, task_of, run_dir_of).
+_STAGE_COMMANDS: tuple[str, ...] = ("mixq.cli_scan", "mixq.cli_deploy", "mixq.cli_bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
                         ("run", "the main job: quantize, evaluate, deploy on ONNX Runtime, verify, time")):
         q = sub.add_parser(name, help=help_)
         _add_task_args(q)
-        q.add_argument("--format", default="int8", help="format for every layer when no --plan is given")
+        q.add_argument("--format", default=None, help="format for every layer (default int8); not with --plan")
         q.add_argument("--plan", help="a plan JSON file")
-        q.add_argument("--calib-method", default="max", help="max, entropy, percentile or mse")
+        q.add_argument("--calib-method", default=None,
+                       help="max (default), entropy, percentile or mse; given beside --plan, it overrides the plan's")
         if name == "quantize":
             q.add_argument("--calib-methods", default=None, help="comma-separated methods to compare, e.g. max,entropy")
             q.set_defaults(func=cmd_quantize)

@@ -98,8 +98,9 @@ def cmd_bench(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable)
     from mixq.artifacts import write_atomic
     from mixq.formats import get_backend
 
-    backend = get_backend(args.backend).name
+    backend = get_backend(args.backend or "ort-cpu").name
     name, model_fn, calib_fn = _task(args, task_of)
+    d = run_dir_of(args, SimpleNamespace(name=name))  # the run folder is named after the task; checked before work
     model = model_fn()
     calib = list(calib_fn())
     if not calib:
@@ -137,7 +138,6 @@ def cmd_bench(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable)
         extra = {}
     md = _markdown(name, backend, source, args, rows, extra)
     print(md)
-    d = run_dir_of(args, SimpleNamespace(name=name))  # the run folder is named after the task
     result = {"task": name, "backend": backend, "source": source, "batch": args.batch, "rows": rows, **extra,
               "seconds": time.perf_counter() - t0}
     write_atomic(d / "bench.json", json.dumps(result, indent=1))
@@ -209,7 +209,7 @@ def command_line(args: argparse.Namespace) -> str:
     """The ``mixq bench`` command that reproduces ``args`` (options left at their default are omitted)."""
     parts = ["mixq bench"]
     for opt, default in (("example", None), ("model", None), ("calib", None), ("eval", None), ("metric", None),
-                         ("backend", "ort-cpu"), ("format", "int8"), ("random", 4), ("seed", 0), ("batch", 1),
+                         ("backend", None), ("format", "int8"), ("random", 4), ("seed", 0), ("batch", 1),
                          ("runs", 30), ("warmup", 5), ("clock", "auto"), ("disabled_optimizers", "default")):
         v = getattr(args, opt, default)
         if v is not None and v != default:

@@ -38,21 +38,16 @@ def register(sub, add_task_args: Callable, task_of: Callable, run_dir_of: Callab
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", default=None, help="a plan JSON file (its backend decides the ONNX flavour)")
-    p.add_argument("--format", default="int8", help="format for every layer when no --plan is given")
-    p.add_argument("--calib-method", default=None, help="override the plan's calibration method")
+    p.add_argument("--format", default=None, help="format for every layer (default int8); not with --plan")
+    p.add_argument("--calib-method", default=None,
+                   help="max (default), entropy, percentile or mse; given beside --plan, it overrides the plan's")
 
 
 def _plan(args: argparse.Namespace):
-    from mixq.plan import QuantPlan
+    from mixq.cli import plan_from_args
 
-    if args.plan:
-        plan = QuantPlan.load(args.plan)
-    else:
-        plan = QuantPlan.uniform(args.format, args.backend)
-    if args.calib_method:
-        plan = QuantPlan(backend=plan.backend, default=plan.default, layers=plan.layers, calib_method=args.calib_method)
-    label = Path(args.plan).stem if args.plan else f"{plan.backend}-{plan.default}"
-    return plan, label
+    plan, label = plan_from_args(args)
+    return plan, (label if args.plan else f"{plan.backend}-{plan.default}")
 
 
 def check_writable(path: str | os.PathLike) -> Path:

@@ -42,7 +42,7 @@ def register(sub, add_task_args: Callable, task_of: Callable, run_dir_of: Callab
                         "batch; lower it if the proxies run out of memory)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
     p.add_argument("--confidence", type=float, default=0.95, help="interval coverage (default 0.95)")
-    p.add_argument("--calib-method", default="max", help="max, entropy, percentile or mse")
+    p.add_argument("--calib-method", default="max", help="max (default), entropy, percentile or mse")
     p.add_argument("--method", default="auto", choices=("auto", "fast", "naive"),
                    help="exact scan method: fast re-runs only what a layer changes (FX mode); naive runs full evaluations")
     p.add_argument("--fresh", action="store_true", help="discard finished results in the run folder and start over")
@@ -58,7 +58,7 @@ def cmd_scan(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable) 
 
     task = task_of(args)
     run_dir = Path(run_dir_of(args, task))
-    table = scan_task(task, backend=args.backend, formats=_names(args.formats), layers=_names(args.layers),
+    table = scan_task(task, backend=args.backend or "ort-cpu", formats=_names(args.formats), layers=_names(args.layers),
                       modes=args.mode, proxies=args.proxies, proxy_data=args.proxy_data,
                       proxy_batch=args.proxy_batch, bootstrap=args.bootstrap,
                       confidence=args.confidence, calib_method=args.calib_method, method=args.method,

@@ -44,3 +44,56 @@ def test_bad_input_is_a_one_line_error(argv, message, tmp_path, capsys):
     assert main([*argv, "--run-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mixq: error:") and message in err
+
+
+def test_run_exits_nonzero_when_verification_fails(tmp_path, monkeypatch, capsys):
+    import mixq.verify
+
+    real = mixq.verify.verify
+
+    def strict(*a, **kw):  # the real engine and comparison, under a target no engine can meet
+        return real(*a, **{**kw, "targets": {"agreement": 1.01}})
+
+    monkeypatch.setattr(mixq.verify, "verify", strict)
+    assert main(["run", *SPECS, "--run-dir", str(tmp_path), "--runs", "2"]) == 1
+    captured = capsys.readouterr()
+    assert "FAIL" in captured.out and "FAILED" in captured.err
+    assert json.loads((tmp_path / "run.json").read_text())["passed"] is False
+
+
+def test_flags_beside_a_plan_win_and_are_said(tmp_path, capsys):
+    plan = tmp_path / "p.json"
+    plan.write_text(json.dumps({"backend": "ort-cpu", "default": "int8", "calib_method": "max"}))
+    assert main(["quantize", *SPECS, "--run-dir", str(tmp_path), "--plan", str(plan),
+                 "--backend", "tensorrt", "--calib-method", "percentile"]) == 0
+    out = capsys.readouterr().out
+    assert "--backend tensorrt overrides the plan's backend 'ort-cpu'" in out
+    assert "--calib-method percentile overrides the plan's calib_method 'max'" in out
+    result = json.loads((tmp_path / "quantize.json").read_text())
+    assert result["backend"] == "tensorrt" and result["rows"][1]["calib_method"] == "percentile"
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["backend"] == "tensorrt" and saved["calib_method"] == "percentile"
+
+
+@pytest.mark.parametrize("command", ["inventory", "quantize", "run", "export", "verify", "scan"])
+def test_a_bad_run_dir_is_refused_before_any_work(command, tmp_path, capsys, monkeypatch):
+    import cli_task
+
+    monkeypatch.setattr(cli_task, "model", lambda: pytest.fail("the model was built before the run folder was checked"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for bad, says in ((blocker, "is a file"), (blocker / "sub", "cannot create the run folder")):
+        assert main([command, *SPECS, "--run-dir", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mixq: error:") and says in err and str(bad) in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--example", "mnist_resnet", *SPECS], "are alternatives"),
+    (["quantize", *SPECS, "--plan", "p.json", "--format", "int8"], "--format int8 and --plan p.json are alternatives"),
+    (["export", *SPECS, "--plan", "p.json", "--format", "fp16"], "are alternatives"),
+    (["quantize", *SPECS, "--calib-methods", "max,kl"], "unknown calibration method(s) ['kl']"),
+])
+def test_conflicting_options_are_errors(argv, message, tmp_path, capsys):
+    assert main([*argv, "--run-dir", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
