@@ -111,6 +111,12 @@ def test_engine_and_latency_open_sessions_through_one_builder(qmodel, monkeypatc
     est = engine.latency(batch=2, runs=3, warmup=1)
     assert isinstance(est, LatencyStats) and (est.batch, est.threads, est.clock) == (2, 1, "wall")
     assert len(calls) == 2
+    import onnxruntime
+
+    setup = engine.setup(clock="thread", batch=5)
+    assert setup.engine == f"onnxruntime {onnxruntime.__version__}" and setup.clock == "time.thread_time"
+    assert setup.input_shapes == {engine.input_names[0]: [5, 3, 8, 8]} and setup.level == "all"
+    assert setup.disabled_optimizers == tuple(sorted(eng_mod.DEFAULT_DISABLED)) and setup.threads == 1
 
 
 def test_saved_measurements_carry_their_setup_and_refuse_another(qmodel, tmp_path):

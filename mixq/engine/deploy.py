@@ -161,8 +161,12 @@ def save_deployable(onnx_model: Any, path: str | os.PathLike, example_inputs: An
     Args:
         onnx_model: the exported ort-cpu Q/DQ model (ModelProto, bytes or path).
         path: where to write it (``.onnx``).
-        example_inputs: a batch to check the written file on (default: synthetic inputs of batch 2).
+        example_inputs: a batch to check the written file on (default: synthetic inputs of batch 1).
         threads: intra-op threads of the sessions compared.
+
+    The file holds the graph ONNX Runtime made of the model at the ``extended`` level (QLinear* and
+    ``com.microsoft`` kernels: it runs on ONNX Runtime, not on other runtimes); a default session
+    adds only its CPU-specific layout transforms on load, as mixq's engine does.
 
     Returns:
         The path written.
@@ -174,7 +178,7 @@ def save_deployable(onnx_model: Any, path: str | os.PathLike, example_inputs: An
     from mixq.artifacts import write_atomic
 
     engine = build(onnx_model, threads)
-    feed = engine.batch_inputs(2, example_inputs)
+    feed = engine.feed(example_inputs) if example_inputs is not None else engine.batch_inputs(1)
     with tempfile.TemporaryDirectory(prefix="mixq-deploy-") as d:
         opt = os.path.join(d, "optimized.onnx")
         session(engine.model_bytes, threads, "extended", engine.disabled_optimizers, optimized_path=opt)
