@@ -123,7 +123,7 @@ def bench_model(name: str, batches: list[int], rounds: int, runs: dict[int, int]
                 for label, e in engines.items():
                     lat = e.latency(b, runs=runs[b], warmup=max(2, runs[b] // 10))
                     per_round[label].append(lat["median_ms"])
-                    spread[label].append((lat["p25"], lat["p75"]))
+                    spread[label].append((lat["p25_ms"], lat["p75_ms"]))
             med = {k: float(np.median(v)) for k, v in per_round.items()}
             best = {k: float(np.min(v)) for k, v in per_round.items()}
             for label in engines:

@@ -14,6 +14,8 @@ from typing import Literal, Optional
 from mixq.errors import UnknownBackendError, UnknownFormatError, UnsupportedFormatError, did_you_mean
 
 Kind = Literal["float", "int", "fp8"]
+# Calibration methods (how activation ranges are found); plain data, so mixq.plan validates them without torch.
+CALIB_METHODS = ("max", "entropy", "percentile", "mse")
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,7 @@ from typing import Mapping
 
 from mixq.artifacts import write_atomic
 from mixq.errors import PlanError, did_you_mean
-from mixq.formats import DEFAULT_BACKEND, get_backend, get_format
-from mixq.quant.descriptor import CALIB_METHODS
+from mixq.formats import CALIB_METHODS, DEFAULT_BACKEND, get_backend, get_format
 
 
 @dataclass

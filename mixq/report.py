@@ -1,7 +1,8 @@
 """Reports from artifacts: a sensitivity table (JSON) -> Markdown + PNG figures.
 
-Reads only the JSON a scan wrote (``sensitivity.json``); imports neither torch nor the rest of
-mixq, so it runs anywhere numpy and matplotlib do (``python mixq/report.py RUN/sensitivity.json``).
+Reads only the JSON a scan wrote (``sensitivity.json``); imports no torch (from mixq only the plain
+``errors`` and ``artifacts``), so it runs anywhere numpy and matplotlib do
+(``python mixq/report.py RUN/sensitivity.json``).
 Figures are drawn on matplotlib's Agg canvas directly, leaving the user's backend alone.
 
     scan_report("runs/minilm/sensitivity.json", "reports/scan_minilm")
@@ -14,11 +15,16 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+
+if __package__ in (None, ""):  # run as a script (python mixq/report.py): make the mixq package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mixq.artifacts import write_atomic  # noqa: E402
+from mixq.errors import MixqError  # noqa: E402
 
 FORMAT_COLORS = {"int8": "#1f77b4", "int4_wo": "#d62728", "fp8_e4m3": "#2ca02c", "fp16": "#9467bd",
                  "bf16": "#8c564b"}
@@ -27,25 +33,12 @@ PROXY_LABELS = {"sqnr": "layer output SQNR (dB, lower = worse)", "fisher": "Fish
 PROXY_FIELDS = {"sqnr": "sqnr_db", "fisher": "fisher", "mse": "mse"}
 
 
-class ReportError(ValueError):
+class ReportError(MixqError, ValueError):
     """The input is not a sensitivity table this report understands."""
 
 
 def _write(path: Path, data: str | bytes) -> Path:
-    # Same as mixq.artifacts.write_atomic, which cannot be imported without torch: importing any
-    # mixq submodule runs mixq/__init__, whose `mixq.quantize` / `mixq.inventory` are functions named
-    # like their modules, so they cannot be loaded lazily (a PEP 562 attempt broke `mixq.quantize(...)`).
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_atomic(path, data)
 
 
 def load_table(src: str | os.PathLike | Mapping) -> dict:

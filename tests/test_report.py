@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,16 +85,20 @@ def test_bad_input_is_a_clear_error(tmp_path):
         rep.scan_report({"rows": []}, tmp_path)
 
 
-def test_report_imports_neither_torch_nor_the_rest_of_mixq():
+def test_report_imports_no_torch_and_only_plain_mixq_modules():
     tree = ast.parse(REPORT.read_text())
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
+            names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
-            names.add((node.module or "").split(".")[0])
-    assert names <= {"__future__", "json", "math", "os", "sys", "tempfile", "pathlib", "typing", "io", "numpy",
-                     "matplotlib"}, names
+            names.add(node.module or "")
+    top = {n.split(".")[0] for n in names}
+    assert top <= {"__future__", "json", "math", "os", "sys", "pathlib", "typing", "io", "numpy", "matplotlib",
+                   "mixq"}, top
+    # the one atomic writer (mode, stale temporaries) is shared, not copied
+    assert {n for n in names if n.startswith("mixq")} == {"mixq.artifacts", "mixq.errors"}
+    assert "mkstemp" not in REPORT.read_text()
 
 
 def test_report_runs_where_torch_cannot_be_imported(tmp_path):
@@ -108,3 +113,24 @@ sys.exit(r.main([{str(tmp_path / 't.json')!r}, {str(tmp_path / 'out')!r}]))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "proxies.png").is_file()
+
+
+def test_report_runs_as_a_script_without_torch(tmp_path):
+    """``python mixq/report.py TABLE OUT`` finds the mixq package next to it (no install, no PYTHONPATH)."""
+    (tmp_path / "t.json").write_text(json.dumps(table()))
+    code = f"""
+import runpy, sys
+sys.modules["torch"] = None
+sys.argv = ["report.py", {str(tmp_path / 't.json')!r}, {str(tmp_path / 'out')!r}]
+runpy.run_path({str(REPORT)!r}, run_name="__main__")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "out" / "report.md").stat().st_mode & 0o777 == _umask_mode()
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask

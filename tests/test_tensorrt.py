@@ -214,3 +214,31 @@ def test_build_flags_follow_the_tensorrt_version(monkeypatch, version):
     else:
         with pytest.raises(mtrt.EngineBuildError, match="strongly typed"):
             mtrt.build_engine(b"onnx", strongly_typed=False)
+
+
+def test_engine_latency_is_the_shared_stats_type_on_cuda_events():
+    """Engine.latency / setup on a stand-in device (no GPU here): CUDA-event times -> LatencyStats."""
+    import types
+
+    import numpy as np
+
+    from mixq.latency.stats import LatencyStats
+
+    times = iter([2.0, 1.0, 4.0, 3.0, 5.0])
+    enqueued = []
+    eng = object.__new__(mtrt.Engine)
+    eng.trt = types.SimpleNamespace(__version__="10.13.0.35")
+    eng.io = [mtrt._IO("x", True, np.dtype(np.float32), (4, 3, 8, 8)), mtrt._IO("y", False, np.dtype(np.float32), (4, 10))]
+    eng._fill_random = lambda seed=0: None
+    eng._enqueue = lambda: enqueued.append(1)
+    eng.cuda = types.SimpleNamespace(synchronize=lambda: None, time_ms=lambda fn: (fn(), next(times))[1],
+                                     device_name=lambda: "Fake GPU")
+    st = eng.latency(runs=5, warmup=2)
+    assert isinstance(st, LatencyStats) and len(enqueued) == 7
+    assert (st.median_ms, st.p25_ms, st.p75_ms, st.min_ms, st.mean_ms) == (3.0, 2.0, 4.0, 1.0, 3.0)
+    assert (st.runs, st.warmup, st.clock, st.batch) == (5, 2, "cuda_event", 4)
+    with pytest.raises(mtrt.LatencyError, match="runs"):
+        eng.latency(runs=0)
+    setup = eng.setup({"workspace_mb": 64, "optimization_level": 5, "timing_cache": "/tmp/x"})
+    assert setup.engine == "tensorrt 10.13.0.35" and setup.device == "Fake GPU" and setup.clock == "cuda_event"
+    assert setup.level == "5" and setup.input_shapes == {"x": [4, 3, 8, 8]} and setup.options == {"workspace_mb": 64}

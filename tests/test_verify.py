@@ -155,8 +155,8 @@ def test_engine_build_run_and_latency(residual_q, tmp_path):
         np.testing.assert_array_equal(a, e.run({"x": x.numpy()})[0])
         np.testing.assert_array_equal(a, e.run((x,))[0])
     lat = e.latency(batch=3, runs=5, warmup=1)
-    assert set(lat) >= {"median_ms", "p25", "p75", "iqr_ms", "runs", "batch", "threads"}
-    assert lat["runs"] == 5 and lat["batch"] == 3 and lat["p25"] <= lat["median_ms"] <= lat["p75"]
+    assert set(lat) >= {"median_ms", "p25_ms", "p75_ms", "iqr_ms", "runs", "batch", "threads"}
+    assert lat["runs"] == 5 and lat["batch"] == 3 and lat["p25_ms"] <= lat["median_ms"] <= lat["p75_ms"]
     assert e.batch_inputs(7, x)["x"].shape[0] == 7 and e.batch_inputs(2, x)["x"].shape[0] == 2
     with pytest.raises(EngineError, match="takes 1"):
         e.run((x, x))

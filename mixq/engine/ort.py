@@ -2,8 +2,10 @@
 and count which layers became integer kernels.
 
 The interface is deliberately narrow: ``build(onnx_model) -> OrtEngine``, ``OrtEngine.run(inputs)``,
-``OrtEngine.latency(batch, runs, warmup)`` and ``OrtEngine.kernel_counts()``. Measuring plans for a
-search (each distinct plan once, cached) is ``mixq.latency.OrtLatency``, which builds on this.
+``OrtEngine.latency(batch, runs, warmup) -> LatencyStats`` and ``OrtEngine.kernel_counts()``.
+``session`` is mixq's one ONNX Runtime session builder: the engine, latency measurement
+(``mixq.latency.OrtLatency``, which builds on ``build``) and the deployable file
+(``mixq.engine.deploy``) all open their sessions through it.
 
 ``build`` disables two optimizers by default: ``DoubleQDQPairsRemover`` merges two consecutive Q/DQ
 pairs with different numbers into one pair (which does not round like the simulation), and
@@ -19,29 +21,16 @@ quantized layer that stayed float.
 from __future__ import annotations
 
 import os
-import re
 import tempfile
-import time
-from collections import Counter
-from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import onnx
 
+from mixq.engine.kernels import INTEGER_OPS, KernelCounts, count_kernels
 from mixq.errors import MixqError
+from mixq.latency.stats import LatencyError, LatencyStats, MeasurementSetup, clock_name, cpu_model, time_runs
 
-# Kernels that compute on integers (what a quantized layer should become on the CPU provider).
-INTEGER_OPS = frozenset({
-    "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool",
-    "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearSoftmax", "QLinearLeakyRelu", "QLinearReduceMean",
-    "QLinearWhere", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulNBits",
-    "QAttention", "QEmbedLayerNormalization", "QLinearConvTranspose",
-})
-# Ops that only move or reshape data: on a uint8 tensor they are not a loss.
-_MOVE_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Identity",
-                       "MaxPool", "NhwcMaxPool", "Split", "Expand", "Tile", "Resize", "Pad", "Concat",
-                       "ReorderInput", "ReorderOutput"})
 LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
           "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}
 DEFAULT_THREADS = 1
@@ -100,106 +89,22 @@ def _as_bytes(model: onnx.ModelProto | bytes | str | os.PathLike) -> bytes:
         return f.read()
 
 
-def _session(data: bytes, threads: int, level: str, disabled: Sequence[str], optimized_path: Optional[str] = None,
-             qdq_fusion: bool = True):
+def session(model: onnx.ModelProto | bytes | str | os.PathLike, threads: int = DEFAULT_THREADS, level: str = "all",
+            disabled: Sequence[str] = DEFAULT_DISABLED, optimized_path: Optional[str] = None, qdq_fusion: bool = True):
+    """An ``onnxruntime.InferenceSession`` on the CPU provider with mixq's options (see ``session_options``).
+
+    Args:
+        model: a ModelProto, its bytes, or a path.
+        threads / level / optimized_path / qdq_fusion: as for ``session_options``.
+        disabled: ORT graph optimizers to switch off, by name.
+
+    Raises:
+        EngineError: an unknown level or a bad thread count (ONNX Runtime's own errors pass through).
+    """
     ort = _ort()
     so = session_options(threads, level, optimized_path, qdq_fusion)
     kw = {"disabled_optimizers": list(disabled)} if disabled else {}
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"], **kw)
-
-
-@dataclass
-class KernelCounts:
-    """What the CPU provider made of a model after its graph optimizations.
-
-    Attributes:
-        integer: op type -> count of integer kernels (QLinearConv, QGemm, MatMulIntegerToFloat ...).
-        float_qdq: op type -> count of float compute nodes fed by a DequantizeLinear or feeding a
-            QuantizeLinear (Q/DQ around a float op).
-        quantize / dequantize: remaining QuantizeLinear / DequantizeLinear nodes.
-        float_total: every other compute node.
-        units_integer / units_float / units_unknown: quantized units whose main node is an
-            integer kernel / stayed a float op (a silent loss) / was not found after fusion.
-    """
-
-    integer: dict[str, int] = field(default_factory=dict)
-    float_qdq: dict[str, int] = field(default_factory=dict)
-    quantize: int = 0
-    dequantize: int = 0
-    float_total: int = 0
-    units_integer: list[str] = field(default_factory=list)
-    units_float: list[str] = field(default_factory=list)
-    units_unknown: list[str] = field(default_factory=list)
-
-    @property
-    def num_integer(self) -> int:
-        return sum(self.integer.values())
-
-    @property
-    def num_float_qdq(self) -> int:
-        return sum(self.float_qdq.values())
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["num_integer"], d["num_float_qdq"] = self.num_integer, self.num_float_qdq
-        return d
-
-    def summary(self) -> str:
-        ints = ", ".join(f"{k} {v}" for k, v in sorted(self.integer.items())) or "none"
-        flt = ", ".join(f"{k} {v}" for k, v in sorted(self.float_qdq.items())) or "none"
-        s = f"integer kernels: {self.num_integer} ({ints}); float ops with Q/DQ around: {self.num_float_qdq} ({flt})"
-        if self.units_float:
-            s += f"; QUANTIZED LAYERS THAT STAYED FLOAT: {', '.join(self.units_float)}"
-        return s
-
-
-def count_kernels(optimized: onnx.ModelProto, unit_nodes: Optional[Mapping[str, Sequence[str]]] = None,
-                  quantized: Sequence[str] = ()) -> KernelCounts:
-    """Classify the nodes of an optimized model (see ``KernelCounts``)."""
-    producer = {o: n for n in optimized.graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in optimized.graph.node:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n)
-    kc = KernelCounts()
-    integer, fqdq = Counter(), Counter()
-    by_name = {}
-    for n in optimized.graph.node:
-        # The layout transformer renames the nodes it rewrites "<name>_token_<k>".
-        by_name.setdefault(re.sub(r"(_token_\d+)+$", "", n.name), n)
-
-    def near_qdq(n) -> bool:
-        fed = any(producer.get(t) is not None and producer[t].op_type == "DequantizeLinear" for t in n.input)
-        feeds = any(c.op_type == "QuantizeLinear" for t in n.output for c in consumers.get(t, []))
-        return fed or feeds
-
-    for n in optimized.graph.node:
-        if n.op_type in INTEGER_OPS:
-            integer[n.op_type] += 1
-        elif n.op_type == "QuantizeLinear":
-            kc.quantize += 1
-        elif n.op_type == "DequantizeLinear":
-            kc.dequantize += 1
-        elif n.op_type in _MOVE_OPS or n.op_type in ("Shape", "Constant", "Cast"):
-            continue
-        elif near_qdq(n):
-            fqdq[n.op_type] += 1
-        else:
-            kc.float_total += 1
-    kc.integer, kc.float_qdq = dict(integer), dict(fqdq)
-    for unit in quantized:
-        names = list((unit_nodes or {}).get(unit, ()))
-        node = by_name.get(names[0]) if names else None
-        if node is None:
-            kc.units_unknown.append(unit)
-        elif node.op_type in INTEGER_OPS:
-            kc.units_integer.append(unit)
-        elif node.op_type in _MOVE_OPS and not any(
-                producer.get(t) is not None and producer[t].op_type == "DequantizeLinear" for t in node.input):
-            kc.units_integer.append(unit)  # e.g. MaxPool running on uint8
-        else:
-            kc.units_float.append(unit)
-    return kc
+    return ort.InferenceSession(_as_bytes(model), so, providers=["CPUExecutionProvider"], **kw)
 
 
 class OrtEngine:
@@ -216,7 +121,7 @@ class OrtEngine:
         self._data = data
         self.threads, self.level, self.qdq_fusion = threads, level, qdq_fusion
         self.disabled_optimizers = list(disabled_optimizers)
-        self.session = _session(data, threads, level, self.disabled_optimizers, qdq_fusion=qdq_fusion)
+        self.session = session(data, threads, level, self.disabled_optimizers, qdq_fusion=qdq_fusion)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._example = None if example_inputs is None else self.feed(example_inputs)
@@ -280,38 +185,55 @@ class OrtEngine:
                 raise EngineError(f"cannot make a synthetic input of type {i.type} for {i.name!r}; pass example inputs.")
         return feed
 
-    def latency(self, batch: int = 1, runs: int = 100, warmup: int = 10, inputs: Any = None) -> dict:
-        """Time ``runs`` runs after ``warmup`` untimed ones.
+    def latency(self, batch: int = 1, runs: int = 100, warmup: int = 10, inputs: Any = None,
+                clock: str = "wall") -> LatencyStats:
+        """Time ``runs`` runs after ``warmup`` untimed ones (``mixq.latency.stats.time_runs``).
+
+        Args:
+            batch: batch size of the inputs (``inputs`` or the build example are tiled / sliced to it).
+            runs / warmup: timed / untimed runs.
+            inputs: a batch to feed instead of the build example.
+            clock: "wall" (``time.perf_counter``) or "thread" (``time.thread_time``).
 
         Returns:
-            dict(median_ms, p25, p75, iqr_ms, mean_ms, min_ms, runs, batch, threads).
+            ``LatencyStats`` with ``batch`` and ``threads`` set.
 
         Raises:
-            EngineError: runs < 1 or warmup < 0.
+            EngineError: runs < 1, warmup < 0 or an unknown clock.
         """
-        if runs < 1 or warmup < 0:
-            raise EngineError(f"runs must be >= 1 and warmup >= 0, but got runs={runs}, warmup={warmup}.")
         feed = self.batch_inputs(batch, inputs)
         run = self.session.run
-        for _ in range(warmup):
-            run(None, feed)
-        times = np.empty(runs)
-        for k in range(runs):
-            t0 = time.perf_counter()
-            run(None, feed)
-            times[k] = time.perf_counter() - t0
-        ms = times * 1e3
-        p25, med, p75 = np.percentile(ms, [25, 50, 75])
-        return {"median_ms": float(med), "p25": float(p25), "p75": float(p75), "iqr_ms": float(p75 - p25),
-                "mean_ms": float(ms.mean()), "min_ms": float(ms.min()), "runs": runs, "batch": batch,
-                "threads": self.threads}
+        try:
+            return time_runs(lambda: run(None, feed), runs, warmup, clock, batch=batch, threads=self.threads)
+        except LatencyError as e:
+            raise EngineError(str(e)) from None
+
+    def setup(self, inputs: Any = None, clock: str = "wall", batch: Optional[int] = None) -> MeasurementSetup:
+        """What a latency measured on this engine depends on (``MeasurementSetup``).
+
+        Args:
+            inputs: the batch timed (else the build example); its shapes are recorded.
+            clock: "wall" or "thread", as passed to ``latency``.
+            batch: the batch size timed, when the inputs are resized to it.
+        """
+        feed = self.feed(inputs) if inputs is not None else (self._example or {})
+        shapes = {n: ([batch, *a.shape[1:]] if batch is not None and a.ndim else list(a.shape)) for n, a in feed.items()}
+        return MeasurementSetup(engine=f"onnxruntime {_ort().__version__}", device=cpu_model(), threads=self.threads,
+                                clock=clock_name(clock), level=self.level,
+                                disabled_optimizers=tuple(self.disabled_optimizers), input_shapes=shapes,
+                                options={"qdq_fusion": self.qdq_fusion, "provider": "CPUExecutionProvider"})
+
+    @property
+    def model_bytes(self) -> bytes:
+        """The serialized model this engine was built from."""
+        return self._data
 
     # ------------------------------------------------------------------ kernels
     def optimized_model(self) -> onnx.ModelProto:
         """The graph after ONNX Runtime's optimizations (a second session dumps it)."""
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "optimized.onnx")
-            _session(self._data, self.threads, self.level, self.disabled_optimizers, path, self.qdq_fusion)
+            session(self._data, self.threads, self.level, self.disabled_optimizers, path, self.qdq_fusion)
             return onnx.load(path, load_external_data=False)
 
     def kernel_counts(self, unit_nodes: Optional[Mapping[str, Sequence[str]]] = None,

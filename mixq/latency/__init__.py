@@ -2,6 +2,8 @@
 
 - ``base``: the ``LatencyModel`` protocol (``model(plan) -> ms``, ``model.measure_many(plans)``),
   plan resolution and the plan-keyed cache of measured models (``MeasuredLatency``).
+- ``stats``: ``LatencyStats`` (the one statistics type of every engine), ``time_runs``, and
+  ``MeasurementSetup`` (what a measurement was made with; saved measurements are checked against it).
 - ``ort``: ``OrtLatency``, measured on ONNX Runtime CPU (the embedded default).
 - ``tensorrt``: engine build / serialize / time / per-layer profile / inspector precisions, and
   ``TensorRTLatency`` (needs TensorRT and a GPU; imported lazily).
@@ -19,7 +21,7 @@ from typing import Any
 
 _WHERE = {
     "LatencyModel": "base", "MeasuredLatency": "base", "LatencyError": "base", "assignment_of": "base",
-    "plan_key": "base",
+    "plan_key": "base", "LatencyStats": "stats", "MeasurementSetup": "stats", "time_runs": "stats",
     "OrtLatency": "ort",
     "TensorRTLatency": "tensorrt", "Engine": "tensorrt", "build_engine": "tensorrt",
     "TensorRTUnavailableError": "tensorrt",

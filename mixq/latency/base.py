@@ -16,16 +16,13 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
 
-from mixq.errors import MixqError, PlanError, did_you_mean
+from mixq.errors import PlanError, did_you_mean
 from mixq.formats import get_backend, get_format
+from mixq.latency.stats import LatencyError, LatencyStats, MeasurementSetup
 
 Assignment = dict  # unit name -> format name, for every unit
 PlanLike = Union[Mapping[str, str], Any]  # QuantPlan (duck-typed: has .resolve) or a mapping
 _PLAN_KEYS = {"backend", "default", "layers", "calib_method"}
-
-
-class LatencyError(MixqError, RuntimeError):
-    """A latency measurement or prediction that cannot be made (no data, engine failure)."""
 
 
 @runtime_checkable
@@ -86,12 +83,16 @@ def plan_key(assignment: Mapping[str, str]) -> tuple:
 class MeasuredLatency:
     """Base of latency models that measure on an engine: resolve, cache, record, notify.
 
-    Subclasses implement ``_measure(assignment) -> dict`` returning at least ``median_ms``.
+    Subclasses implement ``_measure(assignment)`` returning ``LatencyStats`` (or a mapping with at
+    least ``median_ms``) and set ``setup``.
 
     Attributes:
         kinds: unit name -> kind of the model measured.
         backend: backend name the plans must be for.
-        stats: plan key -> the full statistics of its measurement (median_ms, p25, p75, runs ...).
+        setup: the ``MeasurementSetup`` every measurement is made with (saved with them, and checked
+            when measurements are loaded); None when the subclass does not know it.
+        stats: plan key -> the full statistics of its measurement (``LatencyStats.to_dict()`` fields
+            plus what the engine adds, e.g. ``rounds_ms``).
         listeners: callables ``f(assignment, ms)`` told of every new measurement (e.g. a
             predictor's ``observe``), so a fitted model is refreshed as plans are measured.
     """
@@ -99,6 +100,7 @@ class MeasuredLatency:
     def __init__(self, kinds: Mapping[str, str], backend: str) -> None:
         self.kinds = dict(kinds)
         self.backend = get_backend(backend).name
+        self.setup: Optional[MeasurementSetup] = None
         self.stats: dict[tuple, dict] = {}
         self._assignments: dict[tuple, Assignment] = {}
         self.listeners: list[Callable[[Assignment, float], None]] = []
@@ -116,7 +118,7 @@ class MeasuredLatency:
         return float(self.stats[key]["median_ms"])
 
     def _store(self, a: Assignment, st: Mapping) -> None:
-        st = dict(st)
+        st = st.to_dict() if isinstance(st, LatencyStats) else dict(st)
         if "median_ms" not in st:
             raise LatencyError(f"{type(self).__name__}._measure returned no 'median_ms' (got {sorted(st)}).")
         key = plan_key(a)
@@ -163,7 +165,7 @@ class MeasuredLatency:
                 progress(i + 1, len(order))
         for key, (a, k) in todo.items():
             runs = per[key]
-            st = dict(runs[0])
+            st = runs[0].to_dict() if isinstance(runs[0], LatencyStats) else dict(runs[0])
             if k > 1:
                 st["median_ms"] = float(statistics.median(x["median_ms"] for x in runs))
                 st["rounds_ms"] = [float(x["median_ms"]) for x in runs]
@@ -181,32 +183,55 @@ class MeasuredLatency:
         return [(dict(self._assignments[k]), float(s["median_ms"])) for k, s in self.stats.items()]
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write every measurement as JSON (see ``load``), e.g. to reuse them in a later session."""
+        """Write every measurement and the setup they were made with as JSON (see ``load``)."""
         from mixq.artifacts import write_atomic
 
         rows = [{"assignment": self._assignments[k], **s} for k, s in self.stats.items()]
-        return write_atomic(path, json.dumps({"backend": self.backend, "measurements": rows}, indent=1))
+        setup = self.setup.to_dict() if self.setup is not None else None
+        return write_atomic(path, json.dumps({"backend": self.backend, "setup": setup, "measurements": rows},
+                                             indent=1))
 
     def load(self, path: str | os.PathLike) -> int:
         """Add measurements saved by ``save`` to the cache; return how many were added.
 
         Raises:
-            LatencyError: the file is for another backend or another model's units.
+            LatencyError: the file is not a saved measurement, or is for another backend, another
+                model's units, or another measurement setup (ONNX Runtime version, threads, clock,
+                disabled optimizers, level, input shapes, CPU ...): those numbers do not compare.
         """
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise LatencyError(f"cannot read saved latency measurements from {path}: {e}") from None
+        if not isinstance(data, dict) or "measurements" not in data:
+            raise LatencyError(f"{path} is not a file written by MeasuredLatency.save.")
         if data.get("backend") != self.backend:
             raise LatencyError(f"{path} holds {data.get('backend')!r} measurements, not {self.backend!r}.")
-        n = 0
-        for row in data.get("measurements", []):
+        theirs = data.get("setup")
+        if (theirs is None) != (self.setup is None):
+            raise LatencyError(f"{path} was measured {'without a recorded' if theirs is None else 'with a'} setup "
+                               f"but this model's setup is {'unknown' if self.setup is None else 'known'}; "
+                               "measurements of unknown setups do not compare: measure afresh.")
+        if theirs is not None:
+            diff = self.setup.differences(MeasurementSetup.from_dict(theirs))
+            if diff:
+                what = "; ".join(f"{k}: here {a!r}, in the file {b!r}" for k, (a, b) in diff.items())
+                raise LatencyError(f"{path} was measured with another setup ({what}); its numbers do not compare "
+                                   "with measurements made here. Measure afresh, or load it with the same setup.")
+        rows = []
+        for row in data["measurements"]:
             a = dict(row["assignment"])
             if set(a) != set(self.kinds):
                 raise LatencyError(f"{path} was measured on a model with other units; measure this model afresh.")
+            rows.append((a, {k: v for k, v in row.items() if k != "assignment"}))
+        n = 0
+        for a, st in rows:
             key = plan_key(a)
             if key not in self.stats:
-                self.stats[key] = {k: v for k, v in row.items() if k != "assignment"}
+                self.stats[key] = st
                 self._assignments[key] = a
                 n += 1
         return n
 
-    def _measure(self, assignment: Assignment) -> dict:  # pragma: no cover - abstract
+    def _measure(self, assignment: Assignment) -> Mapping:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -1,5 +1,8 @@
 """TensorRT engines from Q/DQ ONNX: build, serialize, time, profile per layer, inspect precisions.
 
+(``trt_env``: importing TensorRT, GPU checks and CUDA memory / events; ``trt_layers``: inspector
+JSON -> precisions and units, ``precision_report``.)
+
 Explicit quantization only: the ONNX says, with QuantizeLinear / DequantizeLinear pairs (and
 Casts for fp16), which layers run in INT8 / FP8 / FP16. TensorRT 10 and 11 differ here:
 
@@ -28,149 +31,16 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from mixq.errors import MixqError
 from mixq.latency.base import Assignment, LatencyError, MeasuredLatency
-from mixq.latency.trtexec import layer_precision, layer_units, load_layer_info, node_units
+from mixq.latency.stats import LatencyStats, MeasurementSetup
+from mixq.latency.trt_env import (INSTALL_HINT, EngineBuildError, TensorRTUnavailableError, _Cuda, available,
+                                  import_tensorrt, trt_version)
+from mixq.latency.trt_layers import LOW_PRECISIONS, layer_precision, layer_units, node_units, precision_report
+from mixq.latency.trtexec_files import load_layer_info
 
-INSTALL_HINT = ("install TensorRT's Python package on a machine with an NVIDIA GPU and driver "
-                "(`pip install 'mixq[tensorrt]'`, i.e. tensorrt>=10), plus either a CUDA build of torch "
-                "or cuda-python (`pip install cuda-python`) for device memory.")
-LOW_PRECISIONS = ("int8", "fp8", "int4", "fp4")
-
-
-class TensorRTUnavailableError(MixqError, RuntimeError):
-    """TensorRT, CUDA or a GPU is missing; the message says what to install."""
-
-
-class EngineBuildError(MixqError, RuntimeError):
-    """TensorRT could not parse the ONNX or build an engine; the message carries its errors."""
-
-
-# ----------------------------------------------------------------------------------- environment
-def import_tensorrt() -> Any:
-    """Import ``tensorrt`` or raise ``TensorRTUnavailableError`` with the install hint."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise TensorRTUnavailableError(f"TensorRT is not installed ({e}); {INSTALL_HINT}") from None
-    return trt
-
-
-def trt_version(trt: Any = None) -> tuple[int, int]:
-    """(major, minor) of the installed TensorRT."""
-    trt = trt or import_tensorrt()
-    parts = str(getattr(trt, "__version__", "0.0")).split(".")
-    return int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-
-
-def available() -> tuple[bool, str]:
-    """Whether engines can be built and run here, and if not, why (for skip messages)."""
-    try:
-        trt = import_tensorrt()
-        if trt_version(trt)[0] < 10:
-            return False, f"TensorRT {trt.__version__} is older than 10; mixq needs TensorRT >= 10."
-        _Cuda()
-    except TensorRTUnavailableError as e:
-        return False, str(e)
-    return True, ""
-
-
-class _Cuda:
-    """Device memory, streams and event timing through torch (CUDA build) or cuda-python."""
-
-    def __init__(self) -> None:
-        self.torch = None
-        self.cudart = None
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                self.torch = torch
-                self.stream = torch.cuda.Stream()
-                return
-        except ImportError:
-            pass
-        try:
-            try:
-                from cuda.bindings import runtime as cudart
-            except ImportError:
-                from cuda import cudart  # cuda-python < 12.6
-        except ImportError:
-            raise TensorRTUnavailableError(f"no CUDA device is usable from Python (torch has no CUDA and "
-                                           f"cuda-python is not installed); {INSTALL_HINT}") from None
-        err, count = cudart.cudaGetDeviceCount()
-        if int(err) != 0 or count == 0:
-            raise TensorRTUnavailableError(f"no CUDA device found (cudaGetDeviceCount: {err}, {count}); {INSTALL_HINT}")
-        self.cudart = cudart
-        self.stream = self._ok(cudart.cudaStreamCreate())
-
-    def _ok(self, ret: Any) -> Any:
-        err, *rest = ret if isinstance(ret, tuple) else (ret,)
-        if int(err) != 0:
-            raise LatencyError(f"CUDA call failed: {err}")
-        return rest[0] if len(rest) == 1 else rest
-
-    @property
-    def stream_handle(self) -> int:
-        return self.stream.cuda_stream if self.torch else int(self.stream)
-
-    def alloc(self, nbytes: int) -> Any:
-        if self.torch:
-            return self.torch.empty(max(1, nbytes), dtype=self.torch.uint8, device="cuda")
-        return self._ok(self.cudart.cudaMalloc(max(1, nbytes)))
-
-    def ptr(self, buf: Any) -> int:
-        return buf.data_ptr() if self.torch else int(buf)
-
-    def free(self, buf: Any) -> None:
-        if not self.torch:
-            self._ok(self.cudart.cudaFree(buf))
-
-    def to_device(self, buf: Any, host: np.ndarray) -> None:
-        host = np.ascontiguousarray(host)
-        if self.torch:
-            src = self.torch.from_numpy(host.view(np.uint8).reshape(-1))
-            buf[: src.numel()].copy_(src)
-        else:
-            kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-            self._ok(self.cudart.cudaMemcpy(buf, host.ctypes.data, host.nbytes, kind))
-
-    def to_host(self, buf: Any, shape: tuple, dtype: np.dtype) -> np.ndarray:
-        out = np.empty(shape, dtype)
-        if self.torch:
-            out.view(np.uint8).reshape(-1)[:] = buf[: out.nbytes].cpu().numpy()
-        else:
-            kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-            self._ok(self.cudart.cudaMemcpy(out.ctypes.data, buf, out.nbytes, kind))
-        return out
-
-    def synchronize(self) -> None:
-        if self.torch:
-            self.stream.synchronize()
-        else:
-            self._ok(self.cudart.cudaStreamSynchronize(self.stream))
-
-    def time_ms(self, fn: Callable[[], None]) -> float:
-        """GPU time of ``fn`` (which enqueues on ``self.stream``) measured with CUDA events."""
-        if self.torch:
-            a, b = self.torch.cuda.Event(enable_timing=True), self.torch.cuda.Event(enable_timing=True)
-            a.record(self.stream)
-            fn()
-            b.record(self.stream)
-            b.synchronize()
-            return float(a.elapsed_time(b))
-        rt = self.cudart
-        a, b = self._ok(rt.cudaEventCreate()), self._ok(rt.cudaEventCreate())
-        try:
-            self._ok(rt.cudaEventRecord(a, self.stream))
-            fn()
-            self._ok(rt.cudaEventRecord(b, self.stream))
-            self._ok(rt.cudaEventSynchronize(b))
-            return float(self._ok(rt.cudaEventElapsedTime(a, b)))
-        finally:
-            rt.cudaEventDestroy(a)
-            rt.cudaEventDestroy(b)
-
+__all__ = ["INSTALL_HINT", "LOW_PRECISIONS", "Engine", "EngineBuildError", "TensorRTLatency",
+           "TensorRTUnavailableError", "available", "build_engine", "import_tensorrt", "precision_report",
+           "trt_version"]
 
 # ------------------------------------------------------------------------------------------ build
 def _logger(trt: Any) -> Any:
@@ -360,20 +230,34 @@ class Engine:
                 arr = (rng.integers(0, 100, t.shape) if t.dtype.kind in "iu" else rng.standard_normal(t.shape))
                 self.cuda.to_device(self._bufs[t.name], arr.astype(t.dtype))
 
-    def latency(self, runs: int = 200, warmup: int = 50) -> dict:
+    def latency(self, runs: int = 200, warmup: int = 50) -> LatencyStats:
         """GPU time per inference (CUDA events around each enqueue), after ``warmup`` runs.
 
         Returns:
-            {"median_ms", "p25_ms", "p75_ms", "mean_ms", "min_ms", "runs"}.
+            ``LatencyStats`` with clock "cuda_event".
+
+        Raises:
+            LatencyError: runs < 1 or warmup < 0.
         """
+        if not isinstance(runs, int) or not isinstance(warmup, int) or runs < 1 or warmup < 0:
+            raise LatencyError(f"runs must be an integer >= 1 and warmup >= 0, but got runs={runs!r}, warmup={warmup!r}.")
         self._fill_random()
         for _ in range(warmup):
             self._enqueue()
         self.cuda.synchronize()
-        ts = np.asarray([self.cuda.time_ms(self._enqueue) for _ in range(runs)])
-        return {"median_ms": float(np.median(ts)), "p25_ms": float(np.percentile(ts, 25)),
-                "p75_ms": float(np.percentile(ts, 75)), "mean_ms": float(ts.mean()), "min_ms": float(ts.min()),
-                "runs": int(runs)}
+        ts = [self.cuda.time_ms(self._enqueue) for _ in range(runs)]
+        batch = next((t.shape[0] for t in self.io if t.is_input and t.shape), None)
+        return LatencyStats.from_times(ts, warmup, "cuda_event", batch=batch)
+
+    def setup(self, build_kwargs: Optional[Mapping[str, Any]] = None) -> MeasurementSetup:
+        """What a latency measured on this engine depends on (TensorRT version, GPU, input shapes, build options)."""
+        opts = {k: (str(v) if isinstance(v, (os.PathLike, Path)) else v) for k, v in (build_kwargs or {}).items()
+                if k not in ("timing_cache",)}
+        return MeasurementSetup(engine=f"tensorrt {getattr(self.trt, '__version__', '?')}", device=self.cuda.device_name(),
+                                clock="cuda_event", level=str(opts.pop("optimization_level", "default")),
+                                input_shapes={t.name: list(t.shape) for t in self.io if t.is_input},
+                                options={k: v if isinstance(v, (int, float, str, bool)) or v is None else repr(v)
+                                         for k, v in opts.items()})
 
     def profile(self, runs: int = 50, warmup: int = 10) -> list[dict]:
         """Per-layer GPU time through ``IProfiler``, median over ``runs`` inferences.
@@ -449,31 +333,6 @@ class Engine:
         return precision_report(self.layers(list(assignment), onnx_model, node_map), assignment)
 
 
-def precision_report(layers: Sequence[Mapping], assignment: Mapping[str, str]) -> dict:
-    """Compare engine layers (``Engine.layers`` output) with the plan's formats per unit."""
-    seen: dict[str, list[str]] = {u: [] for u in assignment}
-    unmatched = []
-    for layer in layers:
-        if str(layer["name"]).startswith("Reformatting CopyNode") or layer.get("type") == "Reformat":
-            continue
-        if not layer["units"]:
-            unmatched.append(layer["name"])
-        for u in layer["units"]:
-            if layer["precision"] not in seen[u]:
-                seen[u].append(layer["precision"])
-    mism = []
-    for u, f in assignment.items():
-        obs = [p for p in seen[u] if p != "unknown"]
-        planned_low = f in ("int8", "fp8_e4m3", "int4_wo")
-        if not obs:
-            continue
-        runs_low = any(p in LOW_PRECISIONS for p in obs)
-        if planned_low != runs_low:
-            mism.append(u)
-    return {"units": {u: {"planned": assignment[u], "observed": seen[u]} for u in assignment},
-            "mismatches": mism, "unmatched_layers": unmatched}
-
-
 # -------------------------------------------------------------------------------- latency model
 class TensorRTLatency(MeasuredLatency):
     """Measured TensorRT latency of a plan: export Q/DQ ONNX, build, time (a LatencyModel).
@@ -504,7 +363,9 @@ class TensorRTLatency(MeasuredLatency):
     def _measure(self, assignment: Assignment) -> dict:
         onnx_model = self.export_fn(assignment)
         eng = Engine.from_onnx(onnx_model, **self.build_kwargs)
-        st = eng.latency(self.runs, self.warmup)
+        if self.setup is None:
+            self.setup = eng.setup(self.build_kwargs)
+        st = eng.latency(self.runs, self.warmup).to_dict()
         src = onnx_model if isinstance(onnx_model, (str, os.PathLike)) else None
         report = eng.precision_report(assignment, src, self.node_map)
         st["precision_mismatches"] = report["mismatches"]

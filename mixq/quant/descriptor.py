@@ -5,9 +5,7 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 from mixq.errors import ConfigError
-from mixq.formats import TensorScheme
-
-CALIB_METHODS = ("max", "entropy", "percentile", "mse")
+from mixq.formats import CALIB_METHODS, TensorScheme
 
 
 @dataclass(frozen=True)

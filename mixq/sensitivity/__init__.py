@@ -7,11 +7,26 @@
 Modules: ``api`` (``scan``: orchestration), ``exact`` (one-at-a-time / leave-one-out, fast suffix replay
 or naive), ``graphrun`` (node-by-node FX execution), ``proxies`` (SQNR / MSE / Fisher in one
 pass), ``store`` (fingerprinted, resumable JSONL), ``table`` (SensitivityTable; no torch).
+
+Names are imported on first use, so ``mixq.sensitivity.table`` imports without torch.
 """
-from mixq.sensitivity.errors import ScanError, StaleScanError
-from mixq.sensitivity.exact import EXACT_MODES, LEAVE_ONE_OUT, ONE_AT_A_TIME
-from mixq.sensitivity.api import scan, scan_task, select
-from mixq.sensitivity.table import LayerSensitivity, SensitivityTable, paired_bootstrap_ci, spearman
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "ScanError": "errors", "StaleScanError": "errors",
+    "EXACT_MODES": "exact", "LEAVE_ONE_OUT": "exact", "ONE_AT_A_TIME": "exact",
+    "scan": "api", "scan_task": "api", "select": "api",
+    "LayerSensitivity": "table", "SensitivityTable": "table", "paired_bootstrap_ci": "table", "spearman": "table",
+}
 
 __all__ = ["scan", "scan_task", "select", "SensitivityTable", "LayerSensitivity", "ScanError", "StaleScanError",
            "paired_bootstrap_ci", "spearman", "EXACT_MODES", "ONE_AT_A_TIME", "LEAVE_ONE_OUT"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"mixq.sensitivity.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'mixq.sensitivity' has no attribute {name!r}")
