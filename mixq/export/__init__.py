@@ -18,7 +18,7 @@ MatMulNBits) and ``tensorrt`` (int8 symmetric, zero point 0, float bias; FP8 E4M
 >= 19; int4 weight-only as a blocked INT4 DequantizeLinear at opset 21; fp16/bf16 layers typed
 in the graph for strongly typed engines).
 
-Modules: ``float_graph`` (step 1: marks, sites, unit -> nodes), ``apply`` (plan checks, ``apply_plan``,
+Modules: ``float_graph`` (step 1: marks, the FloatGraph), ``collect`` (marks -> sites, unit -> nodes), ``apply`` (plan checks, ``apply_plan``,
 ``export``, ``save_onnx``), ``rewrite`` (step 2: the one-pass rewriter), ``qparams`` (the numbers:
 activation Q/DQ, int8 / fp8 / int4 weights, int32 bias), ``opset`` and ``errors``.
 """
