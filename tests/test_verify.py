@@ -99,6 +99,7 @@ cli_metric = top1_metric
 @pytest.mark.parametrize("make", [residual_task, attention_task], ids=["residual", "attention"])
 def test_engine_matches_simulation(make, backend, fmt):
     model, calib, evald = make()
+    assert torch.cat([y for _, y in evald]).unique().numel() >= 5  # else top-1 agreement agrees trivially
     q = mixq.quantize(model, fmt, backend=backend, calib_data=calib)
     g = export_float_graph(q, calib[0])
     for plan in (QuantPlan.uniform(fmt, backend),
@@ -110,6 +111,7 @@ def test_engine_matches_simulation(make, backend, fmt):
         assert res.passed, res.summary()
         if backend == "ort-cpu":
             assert res.kernels["num_integer"] > 0 and not res.kernels["units_float"]
+            # measured: 2.0 steps on residual (a tie flips a code two layers before the output), 1.0 on attention
             assert res.engine.max_err_steps is not None and res.engine.max_err_steps <= 2
 
 

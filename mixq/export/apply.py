@@ -107,8 +107,8 @@ def export(qmodel: torch.nn.Module, plan: QuantPlan | Mapping | str, example_inp
         plan: as for ``apply_plan``.
         example_inputs: one batch; needed when ``graph`` is not given.
         graph: a float graph to reuse (faster for many plans; the one ``verify`` checked). With a
-            graph, ``example_inputs``, ``opset`` and ``batch_axis`` may be left out; given, they must
-            be those the graph was exported with.
+            graph, ``example_inputs``, ``opset`` and ``batch_axis`` may be left out; given (for
+            ``batch_axis``: other than the default 0), they must be those the graph was exported with.
         opset: opset of a new float graph.
         batch_axis: the inputs' batch axis for a new float graph (see ``export_float_graph``).
 
