@@ -1,12 +1,16 @@
 """export: a calibrated mixq model + a plan -> ONNX with Q/DQ exactly where the simulation quantizes.
 
-Two steps, so that a new plan costs milliseconds rather than a torch export:
+Two steps, so that a new plan costs milliseconds rather than a torch export (and so that one traced
+graph serves a whole run: pass the same ``FloatGraph`` to ``apply_plan`` / ``export`` and to
+``mixq.verify.verify``, which records it with ``FloatGraph.describe()``):
 
 1. ``export_float_graph`` exports the FX-prepared model once (TorchScript exporter). During that
    export every quantizer call of every quant module emits a ``mixq::Mark`` node carrying the
    module name and role (``input0``, ``output``, ``weight``), so the float graph knows the exact
    tensor edge of every quantization point: inputs per consumer, outputs, outputs moved behind a
-   ReLU (``QuantFollower``), masked residual inputs, weight initializers.
+   ReLU (``QuantFollower``), masked residual inputs, weight initializers. The model is traced on one
+   sample along ``batch_axis`` (0; 1 for time-major recurrent models; None: the example as given),
+   and that axis is exported as dynamic.
 2. ``apply_plan`` rewrites a copy of that graph for one plan: each mark becomes a Q/DQ pair with
    the scale and zero point of the plan format's quantizer (mixq's own numbers), a Cast (fp16 /
    bf16), or nothing (float). Quantized weights become integer initializers + DequantizeLinear.
