@@ -77,6 +77,9 @@ class VerifyResult:
             simulation does (agreement lower by at most one sample, metric difference not larger by
             more than the target); None without a noise floor.
         kernels: integer-kernel counts of the engine (ort-cpu), as a dict.
+        graph: the float graph the engine's model came from (``FloatGraph.describe()``: example and
+            traced input shapes, batch axis, opset, digest).
+        onnx_given: the engine ran an ONNX model passed in (``onnx_model``), not one built here.
     """
 
     plan: dict
@@ -91,6 +94,8 @@ class VerifyResult:
     failures: list = field(default_factory=list)
     within_noise_floor: Optional[bool] = None
     kernels: Optional[dict] = None
+    graph: Optional[dict] = None
+    onnx_given: bool = False
 
     def to_dict(self) -> dict:
         return _finite(asdict(self))
@@ -207,7 +212,8 @@ def _double_inputs(batch: Any) -> Any:
 
 def verify(qmodel: torch.nn.Module, plan, eval_data: Sequence, metric_fn: Optional[Callable] = None,
            graph=None, threads: int = 1, output_kind: str = "auto", noise_floor: bool = False,
-           kernels: bool = True, targets: Optional[dict] = None) -> VerifyResult:
+           kernels: bool = True, targets: Optional[dict] = None, onnx_model: Any = None,
+           batch_axis: Optional[int] = 0) -> VerifyResult:
     """Run ``eval_data`` through the ONNX Runtime engine and the simulation; compare.
 
     Args:
@@ -215,13 +221,18 @@ def verify(qmodel: torch.nn.Module, plan, eval_data: Sequence, metric_fn: Option
         plan: a QuantPlan (or dict / format name) for the model's backend.
         eval_data: list of (inputs, targets) batches, as ``Task.eval_fn`` returns.
         metric_fn: the task's per-sample metric; None skips the metric figures.
-        graph: a FloatGraph to reuse (default: exported here from the first batch).
+        graph: the FloatGraph of this run (``export_float_graph``), shared with ``export`` so that the
+            graph verified is the file written; default: exported here from the first batch's inputs.
         threads: ONNX Runtime intra-op threads.
         output_kind: "auto" (unit-norm rows -> embedding, else classifier), "classifier",
             "embedding" or "other".
         noise_floor: also compare the float64 simulation with the float32 one.
         kernels: count integer kernels (ort-cpu).
         targets: {"agreement": fraction, "metric_diff": points}; defaults 0.995 and 0.2.
+        onnx_model: the ONNX model to run in the engine (a ModelProto, its bytes or a path), e.g. the
+            file ``export`` wrote; default: ``apply_plan(graph, qmodel, plan)``. The plan still names
+            what the simulation runs.
+        batch_axis: the inputs' batch axis when the graph is exported here (see ``export_float_graph``).
 
     Returns:
         The VerifyResult; ``passed`` says whether the targets were met.
@@ -238,10 +249,10 @@ def verify(qmodel: torch.nn.Module, plan, eval_data: Sequence, metric_fn: Option
     if not batches:
         raise MixqError("the evaluation loader yielded no batch: pass a list of (inputs, targets) batches.")
     if graph is None:
-        graph = export_float_graph(qmodel, batches[0][0])
+        graph = export_float_graph(qmodel, batches[0][0], batch_axis=batch_axis)
     plan = _as_plan(plan, graph.backend)
     resolved = resolve_plan(graph, plan)
-    model = apply_plan(graph, qmodel, plan)
+    model = apply_plan(graph, qmodel, plan) if onnx_model is None else _load_onnx(onnx_model)
     if graph.backend == "ort-cpu":
         engine = build(model, threads)
     else:
@@ -266,7 +277,8 @@ def verify(qmodel: torch.nn.Module, plan, eval_data: Sequence, metric_fn: Option
     kind = infer_output_kind(sim) if output_kind == "auto" else output_kind
     step = _graph_output_step(model)
     res = VerifyResult(plan=plan_obj.to_dict(), resolved=resolved, backend=graph.backend, output_kind=kind,
-                       engine=compare(eng, sim, kind, tgts, metric_fn, step), output_step=step)
+                       engine=compare(eng, sim, kind, tgts, metric_fn, step), output_step=step,
+                       graph=graph.describe(), onnx_given=onnx_model is not None)
     if targets:
         res.targets.update(targets)
     if floor_out is not None:
@@ -278,6 +290,23 @@ def verify(qmodel: torch.nn.Module, plan, eval_data: Sequence, metric_fn: Option
     res.failures = _failures(res)
     res.passed = not res.failures
     return res
+
+
+def _load_onnx(model: Any):
+    """A ModelProto from a ModelProto, its bytes or a path.
+
+    Raises:
+        MixqError: it cannot be read.
+    """
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return model
+    try:
+        return onnx.load_from_string(bytes(model)) if isinstance(model, (bytes, bytearray)) else onnx.load(str(model))
+    except Exception as e:  # onnx raises DecodeError, OSError ...
+        raise MixqError(f"cannot read the ONNX model {str(model)[:80]!r}: {e}; pass a ModelProto, its bytes or the "
+                        "path of an exported .onnx file.") from None
 
 
 def _failures(res: VerifyResult) -> list[str]:

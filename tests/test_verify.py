@@ -58,7 +58,17 @@ def task_data(model: nn.Module, make, n_batches: int = 12):
 
 
 def residual_task():
+    """The zoo ResidualNet with its head standardized on the pooled features: with the zoo's random
+    weights every sample was class 0, and a top-1 agreement on one class agrees trivially."""
     model, _, _ = zoo.build("residual")
+    feats = []
+    hook = model.fc.register_forward_hook(lambda m, i, o: feats.append(i[0]))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        model(torch.randn(256, 1, 16, 16))
+        model.fc.weight.div_(feats[0].std(0).clamp_min(1e-6))
+        model.fc.bias.copy_(-(model.fc.weight @ feats[0].mean(0)))
+    hook.remove()
     return (model, *task_data(model, lambda: torch.randn(16, 1, 16, 16)))
 
 
@@ -89,6 +99,7 @@ cli_metric = top1_metric
 @pytest.mark.parametrize("make", [residual_task, attention_task], ids=["residual", "attention"])
 def test_engine_matches_simulation(make, backend, fmt):
     model, calib, evald = make()
+    assert torch.cat([y for _, y in evald]).unique().numel() >= 5  # else top-1 agreement agrees trivially
     q = mixq.quantize(model, fmt, backend=backend, calib_data=calib)
     g = export_float_graph(q, calib[0])
     for plan in (QuantPlan.uniform(fmt, backend),
@@ -100,6 +111,7 @@ def test_engine_matches_simulation(make, backend, fmt):
         assert res.passed, res.summary()
         if backend == "ort-cpu":
             assert res.kernels["num_integer"] > 0 and not res.kernels["units_float"]
+            # measured: 2.0 steps on residual (a tie flips a code two layers before the output), 1.0 on attention
             assert res.engine.max_err_steps is not None and res.engine.max_err_steps <= 2
 
 

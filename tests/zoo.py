@@ -132,6 +132,97 @@ class ControlFlowNet(nn.Module):
         return self.b(h)
 
 
+class Conv1dNet(nn.Module):
+    """Conv1d -> ReLU -> AvgPool1d -> Conv1d -> global average -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(3, 8, 3, padding=1)
+        self.pool = nn.AvgPool1d(2)
+        self.conv2 = nn.Conv1d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv1(x)))
+        return self.fc(self.conv2(x).mean(-1))
+
+
+class Conv3dNet(nn.Module):
+    """Conv3d -> ReLU -> MaxPool3d -> Conv3d -> flatten -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(2, 4, 3, padding=1)
+        self.pool = nn.MaxPool3d(2)
+        self.conv2 = nn.Conv3d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 2 * 2 * 2, 3)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv1(x)))
+        return self.fc(torch.flatten(self.conv2(x), 1))
+
+
+class TimeMajorLSTM(nn.Module):
+    """``nn.LSTM(batch_first=False)``: inputs are (time, batch, features), dim 0 is not the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(6, 12)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.fc(out[-1])
+
+
+class TimeMajorCellLoop(nn.Module):
+    """A recurrent loop over a time-major sequence (time, batch, features): dim 0 is time, not the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.LSTMCell(6, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h, c = self.cell(x[0])
+        for t in range(1, 5):
+            h, c = self.cell(x[t], (h, c))
+        return self.fc(h)
+
+
+class LSTMCellNet(nn.Module):
+    """An ``nn.LSTMCell`` stepped over 5 time steps (batch-first input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.LSTMCell(6, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h, c = self.cell(x[:, 0])
+        for t in range(1, 5):
+            h, c = self.cell(x[:, t], (h, c))
+        return self.fc(h)
+
+
+class ModuleModeNet(nn.Module):
+    """FX cannot trace it (a data-dependent branch), so mixq prepares it in module mode; it has a
+    ConvTranspose2d, a Conv2d, an AvgPool2d and a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.pool = nn.AvgPool2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        if h.mean() > -1e9:  # always taken; FX cannot know that
+            h = self.up(h)
+        return self.fc(torch.flatten(self.pool(h), 1))
+
+
 def _rand(*shape):
     return torch.randn(*shape)
 
@@ -145,6 +236,12 @@ ZOO = {
     "lstm": (LSTMNet, lambda: _rand(4, 7, 6)),
     "reused": (ReusedNet, lambda: _rand(4, 8)),
     "control_flow": (ControlFlowNet, lambda: _rand(4, 8)),
+    "conv1d": (Conv1dNet, lambda: _rand(4, 3, 16)),
+    "conv3d": (Conv3dNet, lambda: _rand(4, 2, 4, 4, 4)),
+    "lstm_time_major": (TimeMajorLSTM, lambda: _rand(7, 4, 6)),
+    "lstm_cell": (LSTMCellNet, lambda: _rand(4, 5, 6)),
+    "cell_time_major": (TimeMajorCellLoop, lambda: _rand(5, 4, 6)),
+    "module_mode": (ModuleModeNet, lambda: _rand(4, 2, 8, 8)),
 }
 
 

@@ -1,12 +1,16 @@
 """export: a calibrated mixq model + a plan -> ONNX with Q/DQ exactly where the simulation quantizes.
 
-Two steps, so that a new plan costs milliseconds rather than a torch export:
+Two steps, so that a new plan costs milliseconds rather than a torch export (and so that one traced
+graph serves a whole run: pass the same ``FloatGraph`` to ``apply_plan`` / ``export`` and to
+``mixq.verify.verify``, which records it with ``FloatGraph.describe()``):
 
 1. ``export_float_graph`` exports the FX-prepared model once (TorchScript exporter). During that
    export every quantizer call of every quant module emits a ``mixq::Mark`` node carrying the
    module name and role (``input0``, ``output``, ``weight``), so the float graph knows the exact
    tensor edge of every quantization point: inputs per consumer, outputs, outputs moved behind a
-   ReLU (``QuantFollower``), masked residual inputs, weight initializers.
+   ReLU (``QuantFollower``), masked residual inputs, weight initializers. The model is traced on one
+   sample along ``batch_axis`` (0; 1 for time-major recurrent models; None: the example as given),
+   and that axis is exported as dynamic.
 2. ``apply_plan`` rewrites a copy of that graph for one plan: each mark becomes a Q/DQ pair with
    the scale and zero point of the plan format's quantizer (mixq's own numbers), a Cast (fp16 /
    bf16), or nothing (float). Quantized weights become integer initializers + DequantizeLinear.
@@ -18,7 +22,7 @@ MatMulNBits) and ``tensorrt`` (int8 symmetric, zero point 0, float bias; FP8 E4M
 >= 19; int4 weight-only as a blocked INT4 DequantizeLinear at opset 21; fp16/bf16 layers typed
 in the graph for strongly typed engines).
 
-Modules: ``float_graph`` (step 1: marks, sites, unit -> nodes), ``apply`` (plan checks, ``apply_plan``,
+Modules: ``float_graph`` (step 1: marks, the FloatGraph), ``collect`` (marks -> sites, unit -> nodes), ``apply`` (plan checks, ``apply_plan``,
 ``export``, ``save_onnx``), ``rewrite`` (step 2: the one-pass rewriter), ``qparams`` (the numbers:
 activation Q/DQ, int8 / fp8 / int4 weights, int32 bias), ``opset`` and ``errors``.
 """

@@ -11,9 +11,11 @@ import torch
 
 from mixq.artifacts import write_atomic
 from mixq.export.errors import ExportError, FlavourError, OpsetError
-from mixq.export.float_graph import FloatGraph, export_float_graph
+from mixq.export.float_graph import FloatGraph, _model_inputs, export_float_graph
 from mixq.export.opset import DEFAULT_OPSET, _FORMAT_MIN_OPSET
 from mixq.export.rewrite import _Rewriter
+from mixq.errors import UnsupportedFormatError
+from mixq.formats import get_backend
 from mixq.plan import QuantPlan
 
 
@@ -32,7 +34,8 @@ def resolve_plan(graph: FloatGraph, plan: QuantPlan | Mapping | str) -> dict[str
 
     Raises:
         FlavourError: the plan's backend is not the graph's.
-        PlanError / UnsupportedFormatError: layer names or formats that do not fit the model.
+        PlanError / UnsupportedFormatError: layer names or formats that do not fit the model, or a
+            default format (not fp32) that no unit the plan leaves to it can run on this backend.
         OpsetError: a format the graph's opset cannot express (fp8 < 19, TensorRT int4 < 21).
         ExportError: a layer the exporter can only keep float is quantized by the plan.
     """
@@ -41,6 +44,7 @@ def resolve_plan(graph: FloatGraph, plan: QuantPlan | Mapping | str) -> dict[str
         raise FlavourError(f"the plan is for backend {plan.backend!r} but the float graph was exported for "
                            f"{graph.backend!r}; quantize and export the model with backend={plan.backend!r}.")
     resolved = plan.resolve(graph.kinds)
+    _check_default_runs(plan, graph, resolved)
     for unit, fmt in resolved.items():
         need = _FORMAT_MIN_OPSET.get((graph.backend, fmt))
         if need and graph.opset < need:
@@ -50,6 +54,21 @@ def resolve_plan(graph: FloatGraph, plan: QuantPlan | Mapping | str) -> dict[str
             raise ExportError(f"layer {unit!r} cannot be exported in {fmt}: {graph.unsupported[unit]}. "
                               f"Keep it fp32 in the plan (layers: {{{unit!r}: 'fp32'}}).")
     return resolved
+
+
+def _check_default_runs(plan: QuantPlan, graph: FloatGraph, resolved: dict[str, str]) -> None:
+    """Refuse a plan whose default format runs on none of the units it is the default for: the export
+    would be a float model labelled with that format."""
+    left = [u for u in graph.kinds if u not in plan.layers]
+    if plan.default == "fp32" or not left or any(resolved[u] == plan.default for u in left):
+        return
+    be = get_backend(graph.backend)
+    kinds = sorted({graph.kinds[u] for u in left})
+    runs = "; ".join(f"{k}: {', '.join(be.supported(k))}" for k in kinds)
+    raise UnsupportedFormatError(
+        f"backend {be.name!r} cannot run format {plan.default!r} on any of the {len(left)} unit(s) the plan leaves "
+        f"to its default (kinds {', '.join(kinds)}), so the export would be all float; {be.name} runs {runs}. "
+        f"Choose one of those formats, name the layers in the plan, or use another backend.")
 
 
 def apply_plan(graph: FloatGraph, qmodel: torch.nn.Module, plan: QuantPlan | Mapping | str) -> onnx.ModelProto:
@@ -79,24 +98,47 @@ def apply_plan(graph: FloatGraph, qmodel: torch.nn.Module, plan: QuantPlan | Map
 
 
 def export(qmodel: torch.nn.Module, plan: QuantPlan | Mapping | str, example_inputs: Any = None,
-           graph: Optional[FloatGraph] = None, opset: Optional[int] = None) -> onnx.ModelProto:
+           graph: Optional[FloatGraph] = None, opset: Optional[int] = None,
+           batch_axis: Optional[int] = 0) -> onnx.ModelProto:
     """Export ``qmodel`` under ``plan`` (one call: float graph + plan).
 
     Args:
         qmodel: a calibrated model from ``mixq.quantize``.
         plan: as for ``apply_plan``.
         example_inputs: one batch; needed when ``graph`` is not given.
-        graph: a float graph to reuse (faster for many plans).
+        graph: a float graph to reuse (faster for many plans; the one ``verify`` checked). With a
+            graph, ``example_inputs``, ``opset`` and ``batch_axis`` may be left out; given (for
+            ``batch_axis``: other than the default 0), they must be those the graph was exported with.
         opset: opset of a new float graph.
+        batch_axis: the inputs' batch axis for a new float graph (see ``export_float_graph``).
 
     Raises:
-        ExportError: neither ``graph`` nor ``example_inputs`` given; and see ``apply_plan``.
+        ExportError: neither ``graph`` nor ``example_inputs`` given, or options that contradict
+            ``graph``; and see ``export_float_graph`` / ``apply_plan``.
     """
     if graph is None:
         if example_inputs is None:
             raise ExportError("export needs example_inputs (one batch) or a FloatGraph from export_float_graph.")
-        graph = export_float_graph(qmodel, example_inputs, opset)
+        graph = export_float_graph(qmodel, example_inputs, opset, batch_axis=batch_axis)
+    else:
+        _check_same_graph(graph, example_inputs, opset, batch_axis)
     return apply_plan(graph, qmodel, plan)
+
+
+def _check_same_graph(graph: FloatGraph, example_inputs: Any, opset: Optional[int], batch_axis: Optional[int]) -> None:
+    """One traced graph per run: options given beside a graph must be the graph's own."""
+    bad = []
+    if opset is not None and opset != graph.opset:
+        bad.append(f"opset {opset} (the graph has {graph.opset})")
+    if batch_axis != graph.batch_axis and batch_axis != 0:
+        bad.append(f"batch_axis {batch_axis} (the graph has {graph.batch_axis})")
+    if example_inputs is not None:
+        shapes = [tuple(t.shape) for t in _model_inputs(example_inputs)]
+        if graph.example_shapes and shapes != graph.example_shapes:
+            bad.append(f"example inputs of shape {shapes} (the graph was exported from {graph.example_shapes})")
+    if bad:
+        raise ExportError(f"export was given a float graph and {'; '.join(bad)}; pass the graph alone, or export a "
+                          "new float graph from these inputs (export_float_graph).")
 
 
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:

@@ -2,29 +2,26 @@
 
 During the export every quantizer call of every quant module emits a ``mixq::Mark`` node carrying
 the module name and role (``input0``, ``output``, ``weight``); ``_collect`` turns the marks into
-``Site`` records and maps each unit to the ONNX nodes that compute it.
+``Site`` records and maps each unit to the ONNX nodes that compute it (``mixq.export.collect``).
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import io
 import os
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 
 from mixq.errors import MixqError, PlanError
 from mixq.export.errors import ExportError, ExportWarning
 from mixq.export.opset import DEFAULT_OPSET, _TORCHSCRIPT_MAX_OPSET, _upgrade_opset, check_opset
 from mixq.export.qparams import _quantize_weight, _version_key, _WeightQ
 from mixq.formats import get_backend
-from mixq.quant.graph import QuantFollower
 from mixq.quant.modules import QuantMixin, _wkey
 
 _MARK_DOMAIN = "mixq"
@@ -111,11 +108,15 @@ class FloatGraph:
         opset: ONNX opset of the default domain.
         sites: every mark, in graph order.
         kinds: unit name -> kind (as in the model's QuantState).
-        unit_nodes: unit name -> names of the ONNX nodes that compute it.
+        unit_nodes: unit name -> names of the ONNX nodes that compute it, its main node (the one
+            reading its first input) first.
         weights: unit name -> initializer name of its (first) weight.
         unsupported: unit name -> why it can only be exported in float.
         input_names / output_names: graph inputs and outputs, in the model's order.
         weight_versions: parameter name -> torch version counter at export (to detect stale weights).
+        batch_axis: the inputs' axis exported as dynamic (None: static shapes, traced as given).
+        example_shapes: shapes of the example inputs the graph was exported from.
+        traced_shapes: shapes the model was traced on (one sample along ``batch_axis``).
     """
 
     template: onnx.ModelProto
@@ -129,8 +130,25 @@ class FloatGraph:
     input_names: list[str]
     output_names: list[str]
     weight_versions: dict[str, int] = field(default_factory=dict)
+    batch_axis: Optional[int] = 0
+    example_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    traced_shapes: list[tuple[int, ...]] = field(default_factory=list)
     _body: dict[str, list[int]] = field(default_factory=dict, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the template graph (which traced graph a result was computed on)."""
+        if "digest" not in self._cache:
+            self._cache["digest"] = hashlib.sha256(self.template.SerializeToString()).hexdigest()
+        return self._cache["digest"]
+
+    def describe(self) -> dict:
+        """Plain data naming this graph: example and traced input shapes, batch axis, opset, digest."""
+        return {"example_shapes": [list(s) for s in self.example_shapes],
+                "traced_shapes": [list(s) for s in self.traced_shapes], "batch_axis": self.batch_axis,
+                "input_names": list(self.input_names), "backend": self.backend, "opset": self.opset,
+                "digest": self.digest}
 
     def float_model(self) -> onnx.ModelProto:
         """The float graph without marks (the FP32 baseline)."""
@@ -158,16 +176,61 @@ def _input_names(qmodel: torch.nn.Module, n: int) -> list[str]:
     return [f"{p}" for p in names]
 
 
+def _batch_slice(args: tuple, batch_axis: Optional[int]) -> tuple:
+    """The example inputs cut to one sample along ``batch_axis`` (None: as given).
+
+    Raises:
+        ExportError: ``batch_axis`` is not an axis of every input.
+    """
+    if batch_axis is None:
+        return args
+    if isinstance(batch_axis, bool) or not isinstance(batch_axis, int):
+        raise ExportError(f"batch_axis must be an int or None, but got {batch_axis!r}.")
+    bad = [tuple(t.shape) for t in args if not -t.dim() <= batch_axis < t.dim()]
+    if bad:
+        raise ExportError(f"batch_axis={batch_axis} is not an axis of the example input(s) of shape "
+                          f"{', '.join(map(str, bad))}; pass the axis that indexes samples, or batch_axis=None to "
+                          "trace on the example as given (static shapes).")
+    return tuple(t.narrow(batch_axis, 0, 1) for t in args)
+
+
+def _output_batch_axes(one: Sequence[torch.Tensor], full: Sequence[torch.Tensor], batch: int,
+                       in_axis: int) -> list[Optional[int]]:
+    """Per output: the axis whose size follows the batch (1 on the slice, ``batch`` on the full example)."""
+    axes: list[Optional[int]] = []
+    for a, b in zip(one, full):
+        cand = [k for k in range(a.dim()) if a.dim() == b.dim() and a.shape[k] == 1 and b.shape[k] == batch]
+        if cand:
+            axes.append(cand[0])
+        elif batch == 1:  # one sample cannot tell: assume the output keeps the batch where the input has it
+            axes.append(in_axis % a.dim() if a.dim() and -a.dim() <= in_axis < a.dim() else None)
+        else:
+            axes.append(None)
+    return axes
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """The model's output tensors, flattened in the order the exporter writes them."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
 def export_float_graph(qmodel: torch.nn.Module, example_inputs: Any, opset: Optional[int] = None,
-                       input_names: Optional[Sequence[str]] = None) -> FloatGraph:
+                       input_names: Optional[Sequence[str]] = None, batch_axis: Optional[int] = 0) -> FloatGraph:
     """Export a prepared mixq model once, in float, recording every quantization point.
 
     Args:
         qmodel: a model returned by ``mixq.quantize`` / ``mixq.prepare`` (FX or module mode).
-        example_inputs: one input batch (a Tensor or a tuple of Tensors); the batch dimension is
-            exported as dynamic.
+        example_inputs: one input batch (a Tensor or a tuple of Tensors).
         opset: default-domain opset (default: 17 for ort-cpu, 21 for tensorrt).
         input_names: ONNX input names (default: the forward's argument names).
+        batch_axis: the axis of every input that indexes samples (0 by default; 1 for time-major
+            recurrent models fed (time, batch, features)). The model is traced on one sample along
+            it and that axis is exported as dynamic ("batch"), in the inputs and in the outputs
+            where their size follows it. None traces on the example as given, with static shapes.
 
     Returns:
         The FloatGraph to pass to ``apply_plan`` for any number of plans.
@@ -175,7 +238,8 @@ def export_float_graph(qmodel: torch.nn.Module, example_inputs: Any, opset: Opti
     Raises:
         PlanError: ``qmodel`` was not prepared by mixq.
         OpsetError: an opset outside [13, 21].
-        ExportError: the exporter failed, or bad example inputs.
+        ExportError: the exporter failed (the message names the batch-axis assumption), bad example
+            inputs, or a ``batch_axis`` that is not an axis of every input.
     """
     st = getattr(qmodel, "mixq", None)
     if st is None:
@@ -183,7 +247,8 @@ def export_float_graph(qmodel: torch.nn.Module, example_inputs: Any, opset: Opti
     backend = get_backend(st.backend).name
     opset = DEFAULT_OPSET[backend] if opset is None else opset
     check_opset(backend, opset)
-    args = tuple(t[:1] for t in _model_inputs(example_inputs))
+    full = _model_inputs(example_inputs)
+    args = _batch_slice(full, batch_axis)
     names = list(input_names) if input_names else _input_names(qmodel, len(args))
     if len(names) != len(args):
         raise ExportError(f"got {len(names)} input names for {len(args)} inputs.")
@@ -193,18 +258,22 @@ def export_float_graph(qmodel: torch.nn.Module, example_inputs: Any, opset: Opti
     try:
         with _marking(qmodel), warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always")
-            out = qmodel(*args)
-            n_out = len(out) if isinstance(out, (tuple, list)) else 1
-            out_names = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
-            axes = {n: {0: "batch"} for n in [*names, *out_names]}
+            out = _tensors(qmodel(*args))
+            out_names = ["output"] if len(out) == 1 else [f"output{i}" for i in range(len(out))]
+            axes: dict[str, dict[int, str]] = {}
+            out_axes: list[Optional[int]] = []
+            if batch_axis is not None:
+                batch = full[0].shape[batch_axis]
+                out_axes = _output_batch_axes(out, _tensors(qmodel(*full)), batch, batch_axis)
+                axes = {n: {batch_axis % t.dim(): "batch"} for n, t in zip(names, args)}
+                axes.update({n: {k: "batch"} for n, k in zip(out_names, out_axes) if k is not None})
             torch.onnx.export(qmodel, args, buf, dynamo=False, opset_version=min(opset, _TORCHSCRIPT_MAX_OPSET),
-                              input_names=names, output_names=out_names, dynamic_axes=axes,
+                              input_names=names, output_names=out_names, dynamic_axes=axes or None,
                               custom_opsets={_MARK_DOMAIN: 1}, do_constant_folding=True)
     except MixqError:
         raise
-    except Exception as e:  # the exporter raises many types
-        raise ExportError(f"torch.onnx.export failed on the prepared model: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    except Exception as e:  # the model or the exporter raises many types
+        raise ExportError(_export_failure(e, full, args, batch_axis)) from e
     finally:
         qmodel.train(was_training)
     torch_dir = os.path.dirname(torch.__file__)
@@ -214,14 +283,36 @@ def export_float_graph(qmodel: torch.nn.Module, example_inputs: Any, opset: Opti
         warnings.warn(f"the model branches on tensor values ({len(branchy)} place(s)); the ONNX graph keeps the "
                       "branch the example inputs took, so other inputs may compute differently.", ExportWarning,
                       stacklevel=2)
+    if batch_axis is not None and full[0].shape[batch_axis] > 1 and out and all(k is None for k in out_axes):
+        warnings.warn(f"no output's size follows axis {batch_axis} of the inputs, so that axis is probably not the "
+                      f"batch (time-major recurrent models take (time, batch, features)); the graph only runs with "
+                      f"the other input sizes of the example. Pass batch_axis=<the batch axis> to export_float_graph.",
+                      ExportWarning, stacklevel=2)
     model = onnx.load_from_string(buf.getvalue())
     if opset > _TORCHSCRIPT_MAX_OPSET:
         model = _upgrade_opset(model, opset)
     mods = dict(qmodel.named_modules())
     versions = {n: p._version for n, p in qmodel.named_parameters()}
+    from mixq.export.collect import _collect  # collect imports this module's types
+
     graph = _collect(model, backend, opset, dict(st.kinds), mods, names, out_names, versions)
+    graph.batch_axis = batch_axis
+    graph.example_shapes = [tuple(t.shape) for t in full]
+    graph.traced_shapes = [tuple(t.shape) for t in args]
     _prequantize(graph, mods)
     return graph
+
+
+def _export_failure(e: Exception, full: tuple, args: tuple, batch_axis: Optional[int]) -> str:
+    first = str(e).splitlines()[0] if str(e) else ""
+    msg = f"torch.onnx.export failed on the prepared model: {type(e).__name__}: {first}"
+    if batch_axis is None:
+        return msg + f" (traced on the example inputs as given, shape(s) {', '.join(str(tuple(t.shape)) for t in full)})."
+    shapes = ", ".join(f"{tuple(a.shape)} -> {tuple(b.shape)}" for a, b in zip(full, args))
+    return (msg + f". mixq traces the model on one sample along axis {batch_axis} of the example inputs ({shapes}), "
+            f"assuming axis {batch_axis} is the batch; a model whose axis {batch_axis} is something else (time-major "
+            "recurrent models take (time, batch, features)) fails this way. Pass batch_axis=<the batch axis> "
+            "(e.g. batch_axis=1), or batch_axis=None to trace on the full example as given (static shapes).")
 
 
 def _prequantize(graph: FloatGraph, mods: dict) -> None:
@@ -244,107 +335,3 @@ def _cached_weight(graph: FloatGraph, s: Site, fmt: str, q, module: torch.nn.Mod
     if key not in graph._cache:
         graph._cache[key] = _quantize_weight(q, module.get_parameter(s.role), s.perm, where)
     return graph._cache[key]
-
-
-def _collect(model: onnx.ModelProto, backend: str, opset: int, kinds: dict, mods: dict, in_names: list,
-             out_names: list, versions: dict) -> FloatGraph:
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    _inline_initializer_identities(g, inits)
-    consumers = _consumers(g)
-    drop: set[int] = set()
-    sites: list[Site] = []
-    unsupported: dict[str, str] = {}
-    weights: dict[str, str] = {}
-    for i, n in enumerate(g.node):
-        if n.domain != _MARK_DOMAIN:
-            continue
-        attrs = {a.name: a.s.decode() for a in n.attribute}
-        module, role = attrs["module"], attrs["role"]
-        m = mods.get(module)
-        unit = m.owner if isinstance(m, QuantFollower) else module
-        src, dst, perm = n.input[0], n.output[0], None
-        is_weight = not (role.startswith("input") or role == "output")
-        if is_weight:
-            users = consumers.get(dst, [])
-            if src not in inits:
-                unsupported[unit] = f"its weight {role!r} is computed in the graph, not stored"
-            elif len(users) == 1 and g.node[users[0]].op_type == "Transpose":
-                # Fold the exporter's weight transpose (Linear on 3-D inputs -> MatMul) into the initializer.
-                tr = g.node[users[0]]
-                rank = len(inits[src].dims)
-                perm = tuple(next((list(a.ints) for a in tr.attribute if a.name == "perm"), range(rank - 1, -1, -1)))
-                new = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(inits[src]).transpose(perm)),
-                                              f"{src}.T")
-                g.initializer.append(new)
-                inits[new.name] = new
-                n.input[0] = src = new.name
-                n.output[0] = dst = tr.output[0]
-                drop.add(users[0])
-                users = consumers.get(dst, [])
-            ops = {g.node[u].op_type for u in users}
-            if src in inits and not ops <= set(_WEIGHT_OPS):
-                unsupported[unit] = f"its weight {role!r} feeds {', '.join(sorted(ops))}, not {'/'.join(_WEIGHT_OPS)}"
-            weights.setdefault(unit, src)
-        sites.append(Site(module, unit, role, src, dst, i, perm))
-    if drop:
-        keep = [n for i, n in enumerate(g.node) if i not in drop]
-        del g.node[:]
-        g.node.extend(keep)
-        sites = _reindex(sites, g)
-    fg = FloatGraph(model, backend, opset, sites, kinds, {}, weights, unsupported, in_names, out_names, versions)
-    fg._body = _unit_bodies(g, sites)
-    fg.unit_nodes = {u: [g.node[i].name for i in idx] for u, idx in fg._body.items()}
-    return fg
-
-
-def _inline_initializer_identities(g: onnx.GraphProto, inits: dict) -> None:
-    """The exporter shares equal initializers through Identity nodes (BN-folded zero biases); point the
-    consumers at the initializer itself so each layer's bias and weight can be quantized in place."""
-    outputs = {o.name for o in g.output}
-    alias = {n.output[0]: n.input[0] for n in g.node
-             if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
-    if not alias:
-        return
-    keep = [n for n in g.node if not (n.op_type == "Identity" and n.output[0] in alias)]
-    for n in keep:
-        n.input[:] = [alias.get(t, t) for t in n.input]
-    del g.node[:]
-    g.node.extend(keep)
-
-
-def _reindex(sites: list[Site], g: onnx.GraphProto) -> list[Site]:
-    at = {n.output[0]: i for i, n in enumerate(g.node) if n.domain == _MARK_DOMAIN}
-    return [Site(s.module, s.unit, s.role, s.src, s.dst, at[s.dst], s.perm) for s in sites]
-
-
-def _consumers(g: onnx.GraphProto) -> dict[str, list[int]]:
-    """Tensor name -> indices of the nodes that read it."""
-    consumers: dict[str, list[int]] = defaultdict(list)
-    for i, n in enumerate(g.node):
-        for t in n.input:
-            consumers[t].append(i)
-    return consumers
-
-
-def _unit_bodies(g: onnx.GraphProto, sites: list[Site]) -> dict[str, list[int]]:
-    """Nodes computing each unit: from its input/weight marks forward to the next mark (at most 4 deep)."""
-    consumers = _consumers(g)
-    has_output = {s.unit for s in sites if s.role == "output" and s.module == s.unit}
-    body: dict[str, list[int]] = defaultdict(list)
-    for s in sites:
-        if s.module != s.unit or s.role == "output":
-            continue
-        frontier, depth = [s.dst], 0
-        while frontier and depth < 4:
-            nxt = []
-            for t in frontier:
-                for i in consumers.get(t, []):
-                    if g.node[i].domain == _MARK_DOMAIN or i in body[s.unit]:
-                        continue
-                    body[s.unit].append(i)
-                    nxt.extend(g.node[i].output)
-            # Without an output mark (max pooling) the unit is only its direct consumers.
-            frontier = nxt if s.unit in has_output else []
-            depth += 1
-    return {u: sorted(v) for u, v in body.items()}

@@ -14,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mixq.errors import PlanError
 from mixq.export.errors import ExportError
-from mixq.export.float_graph import _MARK_DOMAIN, FloatGraph, Site, _cached_weight, _consumers
+from mixq.export.collect import _consumers
+from mixq.export.float_graph import _MARK_DOMAIN, FloatGraph, Site, _cached_weight
 from mixq.export.qparams import (_FLOAT_TYPES, _TYPE_NAME, _activation_qparams, _QParams, _quantize_bias,
                                  _to_float_type, _WeightQ)
 from mixq.formats import get_format
