@@ -34,7 +34,8 @@ def random_plans(name, n, seed=0):
     q = mixq.quantize(model, "int8", calib_data=calib)
     graph = export_float_graph(q, calib[0])
     rng = random.Random(seed)
-    units = list(q.mixq.kinds)
+    be = mixq.get_backend("ort-cpu")
+    units = [u for u, k in q.mixq.kinds.items() if "int8" in be.supported(k)]
     plans = [{u: rng.choice(["int8", "fp32"]) for u in units} for _ in range(n)]
     return [apply_plan(graph, q, QuantPlan(backend="ort-cpu", default="fp32", layers=p)) for p in plans], calib
 
@@ -56,8 +57,10 @@ def test_shipped_file_in_a_default_session_equals_mixqs_engine_bitwise(name, tmp
         for a, b in zip(want, got):
             np.testing.assert_array_equal(a, b)  # bitwise: no tolerance
     # The exported file alone gives other numbers in a default session for some of these plans
-    # (measured: up to 2.7e-3 on residual, 1.0e-3 on decoder, 2.3e-3 on functional): the case this guards.
-    assert max(raw_gaps) > 1e-4, raw_gaps
+    # (measured: up to 2.7e-3 on residual, 2.3e-3 on functional): the case this guards. The decoder's
+    # differences came from its ConvTranspose, which ort-cpu no longer offers in int8 (no integer kernel).
+    if name != "decoder":
+        assert max(raw_gaps) > 1e-4, raw_gaps
 
 
 def double_qdq_model() -> onnx.ModelProto:
