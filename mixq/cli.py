@@ -175,6 +175,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan, label = plan_from_args(args)
     if args.runs < 1:
         raise MixqError(f"--runs must be at least 1, got {args.runs}.")
+    from mixq.cli_deploy import batch_axis_of
+
+    batch_axis_of(args)
     model = task.model_fn()
     calib, evald = task.calib_fn(), task.eval_fn()
     t0 = _stage(f"[1/3] {task.name}: FP32 evaluation, calibration ({plan.calib_method}) and {label} evaluation ...")
@@ -186,13 +189,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = {"task": task.name, "plan": plan.to_dict(), "fp32_metric": fp32, "sim_metric": sim}
     passed = True
     if plan.backend == "ort-cpu":
-        _stage("[2/3] exporting to ONNX and running the evaluation set on ONNX Runtime and the simulation ...")
-        res = verify(q, plan, evald, task.metric_fn)
+        from mixq.cli_deploy import float_graph_of, write_deployable
+        from mixq.export import apply_plan, save_onnx
+
+        _stage("[2/3] exporting to ONNX (one traced graph for the file, the check and the timing), then running the "
+               "evaluation set on ONNX Runtime and the simulation ...")
+        graph = float_graph_of(q, calib, args)
+        onnx_model = apply_plan(graph, q, plan)
+        out = save_onnx(onnx_model, d / f"model-{label}.onnx")
+        summary["onnx"] = str(out)
+        summary["ship"] = str(write_deployable(onnx_model, out, calib))
+        res = verify(q, plan, evald, task.metric_fn, graph=graph, onnx_model=onnx_model)
         summary["verify"] = res.to_dict()
         passed = res.passed
         print(f"[2/3] engine vs simulation: {res.summary()}", flush=True)
         lat = OrtLatency(q, calib[0][:1] if not isinstance(calib[0], (tuple, list)) else tuple(t[:1] for t in calib[0]),
-                         runs=args.runs)
+                         runs=args.runs, float_graph=graph)
         _stage(f"[3/3] timing FP32 and {label} on ONNX Runtime ({args.runs} runs each) ...")
         ms_fp32, ms_q = lat(QuantPlan(backend=plan.backend, default="fp32")), lat(plan)
         summary["latency_ms"] = {"fp32": ms_fp32, label: ms_q}
@@ -236,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
             q.set_defaults(func=cmd_quantize)
         else:
             q.add_argument("--runs", type=int, default=50, help="timed runs per latency measurement")
+            from mixq.cli_deploy import add_batch_axis_arg
+
+            add_batch_axis_arg(q)
             q.set_defaults(func=cmd_run)
     for module in _STAGE_COMMANDS:
         importlib.import_module(module).register(sub, _add_task_args, _task, _run_dir)

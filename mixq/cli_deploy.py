@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,11 +26,15 @@ def register(sub, add_task_args: Callable, task_of: Callable, run_dir_of: Callab
     _plan_args(e)
     e.add_argument("--out", default=None, help="ONNX file to write (default: RUN/model-<plan>.onnx)")
     e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17 for ort-cpu, 21 for tensorrt)")
+    add_batch_axis_arg(e)
     e.set_defaults(func=lambda a: cmd_export(a, task_of, run_dir_of))
     v = sub.add_parser("verify", help="run the evaluation set on ONNX Runtime and the simulation; compare")
     add_task_args(v)
     _plan_args(v)
     v.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    v.add_argument("--onnx", default=None,
+                   help="verify this exported file (from `mixq export`) instead of exporting the plan again")
+    add_batch_axis_arg(v)
     v.add_argument("--output-kind", default="auto", help="auto, classifier, embedding or other")
     v.add_argument("--no-noise-floor", action="store_true",
                    help="skip the float64-vs-float32 simulation comparison (the achievable agreement)")
@@ -41,6 +46,45 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default=None, help="format for every layer (default int8); not with --plan")
     p.add_argument("--calib-method", default=None,
                    help="max (default), entropy, percentile or mse; given beside --plan, it overrides the plan's")
+
+
+def add_batch_axis_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-axis", default="0",
+                   help="input axis that is the batch (default 0; exported as dynamic); 'none' traces the example "
+                        "inputs as given, with static shapes (e.g. a time-major model)")
+
+
+def batch_axis_of(args: argparse.Namespace):
+    """``--batch-axis`` as an int, or None for 'none'.
+
+    Raises:
+        MixqError: anything else.
+    """
+    text = str(getattr(args, "batch_axis", "0")).strip().lower()
+    if text == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise MixqError(f"--batch-axis must be an input axis (0, 1, ...) or 'none', but got {args.batch_axis!r}.") \
+            from None
+
+
+def float_graph_of(q, calib, args: argparse.Namespace, opset=None):
+    """The one traced float graph of a run: exported from the first calibration batch."""
+    from mixq.export import export_float_graph
+
+    return export_float_graph(q, calib[0], opset, batch_axis=batch_axis_of(args))
+
+
+def write_deployable(model, out: Path, calib) -> Path:
+    """Write the file to ship beside ``out`` (``<stem>.ort.onnx``) and say so."""
+    from mixq.engine.deploy import save_deployable
+
+    ship = save_deployable(model, out.with_name(out.stem + ".ort.onnx"), example_inputs=calib[0])
+    print(f"file to ship: {ship} (ONNX Runtime-optimized with mixq's settings: a default onnxruntime session "
+          "computes the verified numbers; the plain .onnx is for inspection and other runtimes)", flush=True)
+    return ship
 
 
 def _plan(args: argparse.Namespace):
@@ -85,11 +129,13 @@ def cmd_export(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable
     plan, label = _plan(args)
     if args.opset is not None:
         check_opset(plan.backend, args.opset)
+    batch_axis_of(args)
     d = run_dir_of(args, task)
     out = check_writable(args.out or d / f"model-{label}.onnx")
     q, calib = _quantized(task, plan)
     t0 = time.perf_counter()
-    graph = export_float_graph(q, calib[0], args.opset)
+    print(f"{task.name}: tracing the float graph ...", flush=True)
+    graph = float_graph_of(q, calib, args, args.opset)
     t1 = time.perf_counter()
     model = apply_plan(graph, q, plan)
     t2 = time.perf_counter()
@@ -106,6 +152,13 @@ def cmd_export(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable
         kc = build(model).kernel_counts(graph.unit_nodes, quantized)
         info["kernels"] = kc.to_dict()
         print(f"ONNX Runtime CPU: {kc.summary()}")
+        info["ship"] = str(write_deployable(model, out, calib))
+        stayed = info["kernels"].get("units_float") or []
+        if stayed:
+            write_atomic(d / "export.json", json.dumps(info, indent=1))
+            print(f"mixq: FAILED: {len(stayed)} unit(s) the plan quantizes run float on ONNX Runtime: "
+                  f"{', '.join(stayed)}", file=sys.stderr)
+            return 1
     write_atomic(d / "export.json", json.dumps(info, indent=1))
     return 0
 
@@ -116,11 +169,15 @@ def cmd_verify(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable
 
     task = task_of(args)
     plan, label = _plan(args)
+    batch_axis_of(args)
+    if args.onnx and not Path(args.onnx).is_file():
+        raise MixqError(f"--onnx {args.onnx!r} is not a file; give the .onnx that `mixq export` wrote.")
     d = run_dir_of(args, task)
     q, calib = _quantized(task, plan)
     evald = task.eval_fn()
-    res = verify(q, plan, evald, task.metric_fn, threads=args.threads, output_kind=args.output_kind,
-                 noise_floor=not args.no_noise_floor)
+    print(f"{task.name}: running the evaluation set on ONNX Runtime and the simulation ...", flush=True)
+    res = verify(q, plan, evald, task.metric_fn, graph=float_graph_of(q, calib, args), threads=args.threads,
+                 output_kind=args.output_kind, noise_floor=not args.no_noise_floor, onnx_model=args.onnx)
     print(f"{task.name} ({label}): {res.summary()}")
     if res.kernels and res.kernels.get("units_float"):
         print(f"warning: quantized layers that stayed float on ONNX Runtime: {', '.join(res.kernels['units_float'])}")

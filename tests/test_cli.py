@@ -97,3 +97,33 @@ def test_a_bad_run_dir_is_refused_before_any_work(command, tmp_path, capsys, mon
 def test_conflicting_options_are_errors(argv, message, tmp_path, capsys):
     assert main([*argv, "--run-dir", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_export_writes_the_file_to_ship_and_verify_checks_that_very_file(tmp_path, capsys):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    assert main(["export", *SPECS, "--run-dir", str(tmp_path)]) == 0
+    out = tmp_path / "model-ort-cpu-int8.onnx"
+    assert out.is_file() and (tmp_path / "model-ort-cpu-int8.ort.onnx").is_file()
+    assert "file to ship" in capsys.readouterr().out
+    assert main(["verify", *SPECS, "--run-dir", str(tmp_path), "--onnx", str(out), "--no-noise-floor"]) == 0
+    capsys.readouterr()
+    # The same file with the classifier's weight scales negated: verify must run that file, and fail.
+    m = onnx.load(str(out))
+    init = next(i for i in m.graph.initializer if i.name == "fc.weight_scale")
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(-1.0), init.name))
+    bad = tmp_path / "perturbed.onnx"
+    onnx.save(m, str(bad))
+    assert main(["verify", *SPECS, "--run-dir", str(tmp_path), "--onnx", str(bad), "--no-noise-floor"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["export", *SPECS, "--batch-axis", "first"], "--batch-axis must be an input axis"),
+    (["verify", *SPECS, "--onnx", "/nonexistent.onnx"], "is not a file"),
+])
+def test_bad_deploy_options(argv, message, tmp_path, capsys):
+    assert main([*argv, "--run-dir", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
