@@ -6,12 +6,14 @@
 
 Modules: ``api`` (``scan``: orchestration), ``exact`` (one-at-a-time / leave-one-out, fast suffix replay
 or naive), ``graphrun`` (node-by-node FX execution), ``proxies`` (SQNR / MSE / Fisher in one
-pass), ``store`` (fingerprinted, resumable JSONL), ``table`` (SensitivityTable; no torch).
+pass), ``selection`` (modes, (layer, format) pairs, prepared-model checks), ``store``
+(fingerprinted, resumable JSONL), ``table`` (SensitivityTable; no torch).
 """
 from mixq.sensitivity.errors import ScanError, StaleScanError
 from mixq.sensitivity.exact import EXACT_MODES, LEAVE_ONE_OUT, ONE_AT_A_TIME
 from mixq.sensitivity.api import scan, scan_task, select
-from mixq.sensitivity.table import LayerSensitivity, SensitivityTable, paired_bootstrap_ci, spearman
+from mixq.sensitivity.table import LayerSensitivity, SensitivityTable, spearman
+from mixq.stats import paired_bootstrap_ci
 
 __all__ = ["scan", "scan_task", "select", "SensitivityTable", "LayerSensitivity", "ScanError", "StaleScanError",
            "paired_bootstrap_ci", "spearman", "EXACT_MODES", "ONE_AT_A_TIME", "LEAVE_ONE_OUT"]
