@@ -352,10 +352,14 @@ class PartialFiles:
 
 
 def _load(path: Path) -> Any:
+    import warnings
+
     import torch
 
-    # weights_only: tensors and plain containers; a pickle that would run code is refused
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # a foreign file's pickle-protocol warning would only repeat the notice
+        warnings.simplefilter("ignore")
+        # weights_only: tensors and plain containers; a pickle that would run code is refused
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _plain(value: Any) -> bool:
