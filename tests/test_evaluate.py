@@ -173,3 +173,21 @@ def test_task_names_delegate_to_the_evaluator():
     assert m == ev.metric and np.array_equal(s, ev.scores)
     with pytest.raises(EvaluationError, match="yielded no batch"):
         mixq.task.run_outputs(model, [])
+
+
+def test_import_directions():
+    """evaluate imports quantize, never the sensitivity package; the statistics and the table import no torch."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "mixq"
+
+    def imports(rel: str) -> set[str]:
+        tree = ast.parse((root / rel).read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    assert "mixq.quantize" in imports("evaluate.py")
+    assert not {m for m in imports("evaluate.py") if m.startswith("mixq.sensitivity")}
+    for rel in ("stats.py", "sensitivity/table.py"):
+        assert not {m for m in imports(rel) if m == "torch" or m.startswith("torch.")}, rel

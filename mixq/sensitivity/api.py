@@ -24,8 +24,7 @@ from mixq.sensitivity.errors import ScanError
 from mixq.sensitivity.exact import EXACT_MODES, LEAVE_ONE_OUT, ONE_AT_A_TIME, ExactScanner
 from mixq.sensitivity.graphrun import release_free_memory, tensors_of
 from mixq.sensitivity.proxies import proxy_scan
-from mixq.sensitivity.selection import (check_coverage, check_prepared, exact_modes, plan_restored, prepared_formats,
-                                        select)
+from mixq.sensitivity.selection import check_coverage, check_prepared, exact_modes, prepared_formats, select
 from mixq.sensitivity.store import PartialFiles, ScanStore, callable_name, fingerprint, prepared_fingerprint
 from mixq.sensitivity.table import LayerSensitivity, SensitivityTable, correlations, output_sqnr_db
 from mixq.stats import paired_bootstrap_ci
@@ -157,12 +156,9 @@ def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Optional[Iterab
     # The store is checked before anything expensive: stale results fail fast.
     with ScanStore(store, parts, fresh=fresh, meta=meta) as st, \
             _partials(Path(store).with_name(Path(store).name + ".partial") if store is not None else None,
-                      st.created) as partials, contextlib.ExitStack() as restore:
-        if prepared:
-            qmodel = model
-            restore.enter_context(plan_restored(qmodel))
-        else:
-            qmodel = prepare(model, be.name, quant_mode, concrete_args)
+                      st.created) as partials:
+        # A prepared model gets its plan back: every pass below runs under mixq.quantize.applied.
+        qmodel = model if prepared else prepare(model, be.name, quant_mode, concrete_args)
         del model  # the caller may still hold it; the scan no longer needs it
         kinds = dict(qmodel.mixq.kinds)
         todo = select(kinds, be.name, prepared_formats(qmodel) if prepared and formats is None else formats, layers)

@@ -6,7 +6,6 @@ make sure such a model fits the scan's options before any work starts.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 from torch import nn
@@ -14,7 +13,6 @@ from torch import nn
 from mixq.errors import UnsupportedFormatError, did_you_mean
 from mixq.formats import get_backend, get_format
 from mixq.quant.graph import units
-from mixq.quantize import switched
 from mixq.sensitivity.errors import ScanError
 from mixq.sensitivity.exact import EXACT_MODES
 
@@ -117,14 +115,3 @@ def check_coverage(qmodel: nn.Module, todo: dict[str, list[str]]) -> None:
                         f"layer(s) to scan (e.g. {missing[0][0]!r}); it was prepared for: {have}. Quantize it with "
                         f"formats={fmts} added (mixq.quantize(model, ..., formats=[...])), scan only the prepared "
                         "formats, or pass the float model.")
-
-
-@contextlib.contextmanager
-def plan_restored(qmodel: nn.Module):
-    """The model's formats (followers included) and plan are as before once the block ends."""
-    plan = qmodel.mixq.plan
-    try:
-        with switched(qmodel, {}):
-            yield
-    finally:
-        qmodel.mixq.plan = plan
