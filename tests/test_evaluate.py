@@ -116,7 +116,7 @@ def _np_paired_bootstrap(ref, got, resamples, confidence, seed):
 
 def test_drop_and_interval_match_an_independent_paired_bootstrap():
     model, calib, evalb = _task()
-    q = mixq.quantize(model, "fp32", backend="ort-cpu", calib_data=calib, formats=["int8", "fp16"])
+    q = mixq.quantize(model, "fp32", backend="ort-cpu", calib_data=calib, formats=["int8", "int4_wo"])
     with torch.no_grad():  # independent of the evaluator: plain forwards and the metric
         ref = top1([model(x) for x, _ in evalb], [y for _, y in evalb])
         set_plan(q, QuantPlan.uniform("int8", "ort-cpu"))
@@ -134,7 +134,7 @@ def test_drop_and_interval_match_an_independent_paired_bootstrap():
     assert res.drop_noise == (res.drop_ci[0] <= 0 <= res.drop_ci[1])
     assert res.resolved == {u: "int8" for u in q.mixq.kinds}
     # without a reference there is no drop; a reference of other data is refused
-    alone = evaluate_plan(q, "fp16", evalb, top1)
+    alone = evaluate_plan(q, "int4_wo", evalb, top1)
     assert alone.drop is None and alone.drop_ci is None and alone.drop_noise is None
     with pytest.raises(EvaluationError, match="reference has 192 per-sample scores but this evaluation has 256"):
         evaluate_plan(q, "int8", evalb, top1, reference=evaluate(model, evalb[:3], top1))

@@ -47,6 +47,21 @@ def test_prepared_model_is_scanned_as_calibrated_without_recalibrating(monkeypat
     assert all(r.fisher is not None for r in t.rows)
 
 
+def test_loaded_model_scans_like_the_saved_one(tmp_path):
+    """A model saved after calibration and loaded back resumes the same scan (same fingerprint, same drops)."""
+    checkpoint = pytest.importorskip("mixq.checkpoint", reason="save_quantized / load_quantized not merged yet")
+    model, calib, evalb, metric = _task("cnn")
+    q = quantize(model, "int8", calib_data=calib, calib_method="entropy", formats=["int8"])
+    checkpoint.save_quantized(q, tmp_path / "q")
+    loaded = checkpoint.load_quantized(model, tmp_path / "q")
+    saved = scan(q, None, evalb, metric, **KW)
+    first = scan(loaded, None, evalb, metric, store=tmp_path / "s" / "scan.jsonl", **KW)
+    again = scan(loaded, None, evalb, metric, store=tmp_path / "s" / "scan.jsonl", **KW)
+    assert _rows(saved) == _rows(first) == _rows(again)
+    assert saved.fingerprint == first.fingerprint == again.fingerprint
+    assert _rows(scan(model, calib, evalb, metric, calib_method="entropy", **KW)) == _rows(saved)
+
+
 def test_prepared_model_that_does_not_fit_the_scan_is_a_clear_error():
     model, calib, evalb, metric = _task("cnn")
     q = quantize(model, "int8", calib_data=calib, calib_method="max")
