@@ -9,7 +9,6 @@ per evaluation sample).
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
