@@ -4,11 +4,11 @@
     python bench/bench_scan.py --examples mnist_resnet --modes one-at-a-time --repeats 3
 
 For each example and exact mode it times the exact stage (reference evaluation + one result per
-layer) with ``method="fast"`` and with ``method="naive"`` (N+1 full evaluations: ``set_plan`` and
+layer) with ``method="fast"`` and with ``method="naive"`` (N+1 full evaluations: ``mixq.quantize.applied`` and
 a full forward per layer), alternating the order between repeats, and checks that both produce
 the same per-sample scores; "fast/(N+1) FP32 evals" compares the fast scan with a hand-written loop
 that calls the task's evaluation N+1 times. Proxies are timed against one FP32 evaluation pass of the float model
-(``task.evaluate``). Memory: in fresh processes, the peak resident memory above what the process held before the
+(``mixq.evaluate.evaluate``). Memory: in fresh processes, the peak resident memory above what the process held before the
 model existed, while running one FP32 evaluation (model load included) and while running a
 one-at-a-time scan (which loads, prepares and calibrates the model itself); MiniLM by default. Prints a table and writes JSON
 (``reports/bench_scan.json``). Wall-clock numbers depend on the machine and its load; the load
@@ -36,7 +36,7 @@ def _exact_seconds(table, mode: str) -> float:
 
 
 def _fp32_eval_seconds(task, evalb, repeats: int = 3) -> float:
-    from mixq.task import evaluate
+    from mixq.evaluate import evaluate
 
     model = task.model_fn()
     times = []
@@ -116,7 +116,8 @@ def memory_probe(name: str, what: str, fmt: str) -> None:
     import ctypes
     import gc
 
-    from mixq.task import Task, evaluate
+    from mixq.evaluate import evaluate
+    from mixq.task import Task
 
     task = Task.example(name)
     calib, evalb = task.calib_fn(), task.eval_fn()

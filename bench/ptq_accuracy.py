@@ -2,7 +2,9 @@
 
     python bench/ptq_accuracy.py [--examples mnist_resnet,minilm] [--out reports/ptq_accuracy]
 
-Prints a table and writes JSON + Markdown. Calibration happens once per (backend, method).
+Prints a table and writes JSON + Markdown. Calibration happens once per (backend, method). Every
+number comes from ``mixq.evaluate``: the drop against the float model with its paired bootstrap
+95% interval over the evaluation samples.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mixq  # noqa: E402
 from mixq.artifacts import write_atomic  # noqa: E402
-from mixq.task import Task, evaluate  # noqa: E402
+from mixq.evaluate import evaluate, evaluate_plan  # noqa: E402
+from mixq.task import Task  # noqa: E402
 
 METHODS = ("max", "entropy", "percentile", "mse")
 CONFIGS = (("ort-cpu", "int8"), ("tensorrt", "int8"), ("tensorrt", "fp8_e4m3"))
@@ -34,24 +37,28 @@ def main() -> int:
     for name in args.examples.split(","):
         task = Task.example(name)
         model, calib, evald = task.model_fn(), task.calib_fn(), task.eval_fn()
-        fp32, _ = evaluate(model, evald, task.metric_fn)
-        rows.append(dict(example=name, backend="-", format="fp32", calib_method="-", metric=fp32, drop=0.0))
-        print(f"{name:14s} {'-':9s} {'fp32':9s} {'-':10s} {fp32:7.2f}", flush=True)
+        fp32 = evaluate(model, evald, task.metric_fn)
+        rows.append(dict(example=name, backend="-", format="fp32", calib_method="-", metric=fp32.metric, drop=0.0,
+                         drop_ci=[0.0, 0.0], samples=fp32.samples))
+        print(f"{name:14s} {'-':9s} {'fp32':9s} {'-':10s} {fp32.metric:7.2f}  ({fp32.samples} samples)", flush=True)
         for backend, fmt in CONFIGS:
             for method in METHODS if fmt == "int8" else ("max",):
                 t0 = time.perf_counter()
                 q = mixq.quantize(model, fmt, backend=backend, calib_data=calib, calib_method=method)
-                val, _ = evaluate(q, evald, task.metric_fn)
-                rows.append(dict(example=name, backend=backend, format=fmt, calib_method=method, metric=val,
-                                 drop=fp32 - val, mode=q.mixq.mode, seconds=time.perf_counter() - t0))
-                print(f"{name:14s} {backend:9s} {fmt:9s} {method:10s} {val:7.2f}  (drop {fp32 - val:+.2f})", flush=True)
+                r = evaluate_plan(q, q.mixq.plan, evald, task.metric_fn, reference=fp32)
+                rows.append(dict(example=name, backend=backend, format=fmt, calib_method=method, metric=r.metric,
+                                 drop=r.drop, drop_ci=list(r.drop_ci), mode=q.mixq.mode,
+                                 seconds=time.perf_counter() - t0))
+                print(f"{name:14s} {backend:9s} {fmt:9s} {method:10s} {r.metric:7.2f}  (drop {r.drop:+.2f}, 95% "
+                      f"[{r.drop_ci[0]:+.2f}, {r.drop_ci[1]:+.2f}])", flush=True)
     out = Path(args.out)
     write_atomic(out.with_suffix(".json"), json.dumps({"command": " ".join(["python"] + sys.argv), "rows": rows},
                                                       indent=1))
     lines = [f"Command: `python {' '.join(sys.argv)}`", "",
-             "| example | backend | format | calibrator | metric | drop vs FP32 |", "|---|---|---|---|---:|---:|"]
+             "| example | backend | format | calibrator | metric | drop vs FP32 | 95% interval |",
+             "|---|---|---|---|---:|---:|---|"]
     lines += [f"| {r['example']} | {r['backend']} | {r['format']} | {r['calib_method']} | {r['metric']:.2f} | "
-              f"{r['drop']:+.2f} |" for r in rows]
+              f"{r['drop']:+.2f} | [{r['drop_ci'][0]:+.2f}, {r['drop_ci'][1]:+.2f}] |" for r in rows]
     write_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     return 0

@@ -3,21 +3,20 @@
 Users pass their own as ``module:function`` specs; the built-in examples in ``experiments/``
 expose the same four functions (``model``, ``calib_data``, ``eval_data``, ``metric``).
 The metric returns per-sample scores whose mean is the metric (in percent), so that later
-stages can put confidence intervals on differences.
+stages can put confidence intervals on differences. Evaluating lives in ``mixq.evaluate``;
+``run_outputs`` / ``score`` / ``evaluate`` here are its older names.
 """
 from __future__ import annotations
 
 import importlib
-import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
-import torch
 from torch import nn
 
-from mixq.errors import MixqError, SpecError, did_you_mean
-from mixq.quantize import call_model
+import mixq.evaluate as _ev
+from mixq.errors import SpecError, did_you_mean
 
 EXAMPLES = {"mnist_resnet": "experiments.mnist_resnet", "minilm": "experiments.minilm"}
 DEFAULT_EXAMPLE = "mnist_resnet"
@@ -70,33 +69,20 @@ class Task:
 
 
 def run_outputs(model: nn.Module, eval_data: list) -> tuple[list, list]:
-    """Run every eval batch through ``model``; return (outputs, targets)."""
-    outputs, targets = [], []
-    with torch.no_grad():
-        for inputs, target in eval_data:
-            outputs.append(call_model(model, inputs))
-            targets.append(target)
-    if not outputs:
-        raise MixqError("the evaluation loader yielded no batch: pass a list of (inputs, targets) batches.")
-    return outputs, targets
+    """Run every eval batch through ``model``; return (outputs, targets). See ``mixq.evaluate.run_outputs``."""
+    return _ev.run_outputs(model, eval_data)
 
 
 def score(metric_fn: Callable, outputs: list, targets: list) -> np.ndarray:
-    """Per-sample scores from the metric, checked to be finite.
+    """Per-sample scores, checked to be one finite score per sample. See ``mixq.evaluate.score``.
 
     Raises:
-        MixqError: the metric returned nothing, or NaN/Inf.
+        EvaluationError: a wrong number of scores (counted from the targets), or NaN/Inf.
     """
-    s = np.asarray(metric_fn(outputs, targets), dtype=np.float64).reshape(-1)
-    if s.size == 0:
-        raise MixqError("the metric returned no per-sample score: it must return one score per evaluation sample.")
-    if not np.isfinite(s).all():
-        raise MixqError(f"the metric returned {int((~np.isfinite(s)).sum())} NaN/Inf score(s) of {s.size}: "
-                        "fix the metric (or the model's outputs) so every score is finite.")
-    return s
+    return _ev.score(metric_fn, outputs, targets)
 
 
 def evaluate(model: nn.Module, eval_data: list, metric_fn: Callable) -> tuple[float, np.ndarray]:
-    """Return (metric mean, per-sample scores) of ``model`` on ``eval_data``."""
-    s = score(metric_fn, *run_outputs(model, eval_data))
-    return float(s.mean()), s
+    """Return (metric mean, per-sample scores) of ``model`` on ``eval_data``. See ``mixq.evaluate.evaluate``."""
+    ev = _ev.evaluate(model, eval_data, metric_fn)
+    return ev.metric, ev.scores

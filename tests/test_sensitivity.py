@@ -18,6 +18,7 @@ from torch import nn
 
 import mixq
 from mixq.errors import MixqError, UnknownFormatError, UnsupportedFormatError
+from mixq.evaluate import EvaluationError
 from mixq.plan import QuantPlan
 from mixq.quantize import call_model, quantize, set_plan
 from mixq.sensitivity import (LEAVE_ONE_OUT, ONE_AT_A_TIME, ScanError, SensitivityTable, StaleScanError,
@@ -443,9 +444,9 @@ def test_second_scan_on_the_same_folder_is_refused(tmp_path):
 def test_bad_inputs_are_clear_errors():
     model, calib, evalb, metric = _task("cnn")
     kw = dict(proxies=False, progress=False, bootstrap=0)
-    with pytest.raises(ScanError, match="yielded no batch"):
+    with pytest.raises(EvaluationError, match="yielded no batch"):
         scan(model, calib, [], metric, **kw)
-    with pytest.raises(ScanError, match="not an \\(inputs, targets\\) pair"):
+    with pytest.raises(EvaluationError, match="not an \\(inputs, targets\\) pair"):
         scan(model, calib, [b[0] for b in evalb], metric, **kw)
     with pytest.raises(MixqError, match="NaN"):
         scan(model, calib, evalb, lambda o, t: np.full(sum(len(x) for x in t), np.nan), **kw)
@@ -466,13 +467,15 @@ def test_bad_inputs_are_clear_errors():
         scan(model, calib, evalb, metric, proxy_batch=0, **kw)
     with pytest.raises(MixqError, match="calibration loader yielded no batch"):
         scan(model, [], evalb, metric, **kw)
-    with pytest.raises(ScanError, match="per-sample scores here"):
-        flaky = iter([8, 8, 7, 8, 8, 8, 8, 8, 8, 8])
+    with pytest.raises(EvaluationError, match="returned 47 score\\(s\\) for 48 evaluation samples"):
+        flaky = iter([48, 48, 47, 48, 48, 48, 48, 48, 48, 48])  # right for the reference, one short later
 
         def short(o, t):
             return np.zeros(next(flaky))
 
         scan(model, calib, evalb, short, **kw)
+    with pytest.raises(EvaluationError, match="returned 1 score\\(s\\) for 48 evaluation samples"):
+        scan(model, calib, evalb, lambda o, t: float(accuracy(o, t).mean()), **kw)
 
 
 def test_module_mode_falls_back_to_full_evaluations(recwarn):

@@ -6,7 +6,8 @@
 
 Modules: ``api`` (``scan``: orchestration), ``exact`` (one-at-a-time / leave-one-out, fast suffix replay
 or naive), ``graphrun`` (node-by-node FX execution), ``proxies`` (SQNR / MSE / Fisher in one
-pass), ``store`` (fingerprinted, resumable JSONL), ``table`` (SensitivityTable; no torch).
+pass), ``selection`` (modes, (layer, format) pairs, prepared-model checks), ``store``
+(fingerprinted, resumable JSONL), ``table`` (SensitivityTable; no torch).
 
 Names are imported on first use, so ``mixq.sensitivity.table`` imports without torch.
 """

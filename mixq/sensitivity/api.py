@@ -1,13 +1,14 @@
 """scan(): calibrate once, measure every (layer, format) exactly and by proxy, return a SensitivityTable.
 
 Order of work: validate the inputs (before any expensive step), fingerprint, prepare and
-calibrate the model once for all formats, the proxy pass, then each exact mode: a reference
-evaluation of its base, then one result per (layer, format), each persisted as it finishes.
+calibrate the model once for all formats (or take a model mixq already calibrated), the proxy
+pass, then each exact mode: a reference evaluation of its base, then one result per (layer,
+format), each persisted as it finishes and scored by ``mixq.evaluate.score`` (one finite score
+per evaluation sample).
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -15,84 +16,19 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 from torch import nn
 
-from mixq.errors import UnsupportedFormatError, did_you_mean
-from mixq.formats import FORMATS, get_backend, get_format
-from mixq.quantize import add_formats, calibrate, prepare
+from mixq.evaluate import batch_size, count_samples, eval_batches, score
+from mixq.formats import FORMATS, get_backend
+from mixq.quantize import QuantState, add_formats, calibrate, prepare
 from mixq.sensitivity.errors import ScanError
 from mixq.sensitivity.exact import EXACT_MODES, LEAVE_ONE_OUT, ONE_AT_A_TIME, ExactScanner
 from mixq.sensitivity.graphrun import release_free_memory, tensors_of
-from mixq.sensitivity.proxies import batch_size, proxy_scan
-from mixq.sensitivity.store import PartialFiles, ScanStore, callable_name, fingerprint
-from mixq.sensitivity.table import (LayerSensitivity, SensitivityTable, correlations, output_sqnr_db,
-                                    paired_bootstrap_ci)
+from mixq.sensitivity.proxies import proxy_scan
+from mixq.sensitivity.selection import check_coverage, check_prepared, exact_modes, prepared_formats, select
+from mixq.sensitivity.store import PartialFiles, ScanStore, callable_name, fingerprint, prepared_fingerprint
+from mixq.sensitivity.table import LayerSensitivity, SensitivityTable, correlations, output_sqnr_db
+from mixq.stats import paired_bootstrap_ci
 
 PROXY_DATA = ("calib", "eval")
-
-
-def _modes(modes: str | Sequence[str]) -> list[str]:
-    if isinstance(modes, str):
-        modes = {"both": list(EXACT_MODES), "none": []}.get(modes, [modes])
-    bad = [m for m in modes if m not in EXACT_MODES]
-    if bad:
-        raise ScanError(f"unknown scan mode(s) {bad}; valid modes are {', '.join(EXACT_MODES)}, 'both' and 'none'.")
-    return [m for m in EXACT_MODES if m in modes]
-
-
-def _eval_batches(eval_data: Iterable) -> list:
-    batches = list(eval_data)
-    if not batches:
-        raise ScanError("the evaluation loader yielded no batch: pass a list of (inputs, targets) batches.")
-    for i, b in enumerate(batches):
-        if not isinstance(b, (tuple, list)) or len(b) != 2:
-            raise ScanError(f"evaluation batch {i} is a {type(b).__name__}, not an (inputs, targets) pair.")
-    return batches
-
-
-def select(kinds: dict[str, str], backend: str, formats: Optional[Sequence[str]],
-           layers: Optional[Sequence[str]]) -> dict[str, list[str]]:
-    """{layer: [formats]} to scan.
-
-    Default formats are all the backend supports per layer. Explicitly named layers must support
-    every explicitly named format; otherwise a format only applies where the backend can realise it.
-
-    Raises:
-        ScanError: an unknown layer, or fp32 as a format.
-        UnknownFormatError / UnsupportedFormatError: an unknown format, a named layer that cannot
-            run a named format, or a format no selected layer can run.
-    """
-    be = get_backend(backend)
-    names = list(kinds)
-    if layers is not None:
-        layers = list(dict.fromkeys(layers))
-        missing = [n for n in layers if n not in kinds]
-        if missing:
-            hints = "; ".join(f"{n!r}{did_you_mean(n, names) or ' (no similar name)'}" for n in missing[:5])
-            raise ScanError(f"unknown layer(s): {hints}. Run `mixq inventory` to list the model's "
-                            f"{len(names)} layers.")
-        if not layers:
-            raise ScanError("no layer selected: pass at least one layer name (or none, to scan them all).")
-        names = layers
-    if formats is not None:
-        fmts = [get_format(f).name for f in dict.fromkeys(formats)]
-        if "fp32" in fmts:
-            raise ScanError("fp32 is the reference, not a format to scan: pass lower formats "
-                            "(for example int8, fp16, int4_wo).")
-        if not fmts:
-            raise ScanError("no format selected: pass at least one format.")
-        if layers is not None:
-            for n in names:
-                for f in fmts:
-                    be.check(f, kinds[n], n)
-        todo = {n: [f for f in fmts if f in be.supported(kinds[n])] for n in names}
-        for f in fmts:
-            if not any(f in fs for fs in todo.values()):
-                kinds_ok = sorted(k for k, fs in be.formats.items() if f in fs)
-                raise UnsupportedFormatError(
-                    f"backend {be.name!r} cannot run format {f!r} on any selected layer; it runs {f} only on "
-                    f"{', '.join(kinds_ok) or 'no'} layers. Choose another format or backend.")
-    else:
-        todo = {n: [f for f in be.supported(kinds[n]) if f != "fp32"] for n in names}
-    return {n: fs for n, fs in todo.items() if fs}
 
 
 def _out_sqnr(ref: list, outs: list) -> float:
@@ -130,23 +66,29 @@ class _Progress:
             self.bar.close()
 
 
-def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Iterable, eval_data: Iterable,
-         metric: Callable, *, backend: str = "ort-cpu", formats: Optional[Sequence[str]] = None,
+def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Optional[Iterable], eval_data: Iterable,
+         metric: Callable, *, backend: Optional[str] = None, formats: Optional[Sequence[str]] = None,
          layers: Optional[Sequence[str]] = None, modes: str | Sequence[str] = ONE_AT_A_TIME,
          proxies: bool = True, proxy_data: str = "calib", proxy_batch: Optional[int] = None,
          bootstrap: int = 1000, confidence: float = 0.95,
-         calib_method: str = "max", method: str = "auto", store: Optional[str | Path] = None,
+         calib_method: Optional[str] = None, method: str = "auto", store: Optional[str | Path] = None,
          fresh: bool = False, progress: bool = True, quant_mode: str = "auto", seed: int = 0,
          task_name: str = "", concrete_args: Optional[dict] = None) -> SensitivityTable:
     """Measure how much each layer costs in each format.
 
     Args:
-        model: the float model, or a function returning it (then it is freed once prepared).
-        calib_data: input batches; calibration runs once for all formats.
+        model: the float model, or a function returning it (then it is freed once prepared); or a
+            model already prepared and calibrated by mixq (``mixq.quantize(..., formats=[...])`` or a
+            loaded one): it is scanned as calibrated, never recalibrated, and its plan is restored after.
+        calib_data: input batches; calibration runs once for all formats. With a prepared model they
+            only feed the proxies (``proxy_data="calib"``) and may be None otherwise.
         eval_data: (inputs, targets) batches.
-        metric: ``metric(outputs, targets) -> per-sample scores`` in percent.
-        backend: backend whose schemes and placement the simulation follows.
-        formats: formats to scan (default: every format the backend supports, per layer).
+        metric: ``metric(outputs, targets) -> per-sample scores`` in percent, one per evaluation
+            sample (see ``mixq.evaluate``).
+        backend: backend whose schemes and placement the simulation follows (default "ort-cpu", or
+            the prepared model's, which a different value contradicts).
+        formats: formats to scan (default: every format the backend supports per layer; for a
+            prepared model, the formats it was prepared for).
         layers: layer names to scan (default: all).
         modes: "one-at-a-time", "leave-one-out", "both", "none" or a list of modes.
         proxies: compute the SQNR / MSE / Fisher proxies.
@@ -156,7 +98,7 @@ def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Iterable, eval_
             knob only: the scores are sums over samples, so it is not part of the fingerprint.
         bootstrap: resamples for the intervals (0: no intervals).
         confidence: interval coverage.
-        calib_method: activation calibration method.
+        calib_method: activation calibration method (default "max", or the prepared model's).
         method: "auto" (fast suffix replay in FX mode, naive otherwise), "fast" or "naive".
         store: JSONL file for resumable results (None: in memory only). The table is also saved
             as ``sensitivity.json`` next to it.
@@ -165,16 +107,16 @@ def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Iterable, eval_
         quant_mode: "auto", "fx" or "module" (how the model is prepared).
         seed: seed of the bootstrap and of the Fisher probes.
         task_name: a name for the report.
-        concrete_args: FX tracing option.
+        concrete_args: FX tracing option (float models only).
 
     Returns:
         The SensitivityTable.
 
     Raises:
-        ScanError / StaleScanError / UnsupportedFormatError / CalibrationError / MixqError: bad input
-        (each message says what to change).
+        ScanError / StaleScanError / UnsupportedFormatError / CalibrationError / EvaluationError /
+        MixqError: bad input, or a prepared model that does not fit the scan (each message says what to change).
     """
-    exact_modes = _modes(modes)
+    modes_todo = exact_modes(modes)
     if proxy_data not in PROXY_DATA:
         raise ScanError(f"proxy_data must be one of {', '.join(PROXY_DATA)}, got {proxy_data!r}.")
     if proxy_batch is not None and (isinstance(proxy_batch, bool) or not isinstance(proxy_batch, int)
@@ -183,33 +125,51 @@ def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Iterable, eval_
     if bootstrap < 0 or not 0.0 < confidence < 1.0:
         raise ScanError(f"`bootstrap >= 0` and `0 < confidence < 1` must hold, but got "
                         f"(bootstrap={bootstrap}, confidence={confidence}).")
-    be = get_backend(backend)
-    evalb = _eval_batches(eval_data)
-    calib = list(calib_data)
+    evalb = eval_batches(eval_data)
     if not isinstance(model, nn.Module):
         model = model()
+    prepared = isinstance(getattr(model, "mixq", None), QuantState)
+    calib = None if calib_data is None else list(calib_data)
+    if prepared:
+        backend, calib_method, quant_mode = check_prepared(model, backend, calib_method, quant_mode, concrete_args)
+        if proxies and proxy_data == "calib" and calib is None:
+            raise ScanError("the proxies run on calibration data (proxy_data='calib') but calib_data is None: pass "
+                            "the calibration batches (the prepared model is not recalibrated), or use "
+                            "proxy_data='eval' or proxies=False.")
+    elif calib is None:
+        raise ScanError("calib_data is None: a float model is calibrated by the scan, so pass calibration batches "
+                        "(or pass a model already calibrated by mixq.quantize).")
+    be = get_backend(backend or "ort-cpu")
+    calib_method = calib_method or "max"
+    samples = count_samples([b[1] for b in evalb], [b[0] for b in evalb], metric)
     t_start = time.perf_counter()
 
     settings = {"backend": be.name, "calib_method": calib_method, "quant_mode": quant_mode,
                 "proxy_data": proxy_data, "seed": seed}
-    parts = fingerprint(model, calib, evalb, metric, settings)
+    if prepared:
+        parts = prepared_fingerprint(model, calib, evalb, metric, {**settings, "model": "prepared"})
+    else:
+        parts = fingerprint(model, calib, evalb, metric, settings)
     meta = {"task": task_name, "backend": be.name, "metric": callable_name(metric)}
     timing: dict[str, Any] = {}
     # The store is checked before anything expensive: stale results fail fast.
     with ScanStore(store, parts, fresh=fresh, meta=meta) as st, \
             _partials(Path(store).with_name(Path(store).name + ".partial") if store is not None else None,
                       st.created) as partials:
-        qmodel = prepare(model, be.name, quant_mode, concrete_args)
+        # A prepared model gets its plan back: every pass below runs under mixq.quantize.applied.
+        qmodel = model if prepared else prepare(model, be.name, quant_mode, concrete_args)
         del model  # the caller may still hold it; the scan no longer needs it
         kinds = dict(qmodel.mixq.kinds)
-        todo = select(kinds, be.name, formats, layers)
+        todo = select(kinds, be.name, prepared_formats(qmodel) if prepared and formats is None else formats, layers)
+        if prepared:
+            check_coverage(qmodel, todo)
         all_formats = [f for f in FORMATS if any(f in fs for fs in todo.values())]
         scanner = ExactScanner(qmodel, [b[0] for b in evalb], method)
         targets = [b[1] for b in evalb]
         stages = [(mode, base, todo if mode == ONE_AT_A_TIME else {u: [base] for u, fs in todo.items() if base in fs})
-                  for mode in exact_modes for base in (["fp32"] if mode == ONE_AT_A_TIME else all_formats)]
+                  for mode in modes_todo for base in (["fp32"] if mode == ONE_AT_A_TIME else all_formats)]
         proxy_todo = _missing_proxies(st, todo) if proxies else {}
-        if proxy_todo or any(_pending(st, mode, base, sub) is not None for mode, base, sub in stages):
+        if not prepared and (proxy_todo or any(_pending(st, mode, base, sub) is not None for mode, base, sub in stages)):
             # one calibration for every format, reused by every layer and every stage
             qmodel.mixq.calib_method = calib_method
             add_formats(qmodel, all_formats, calib_method)
@@ -226,10 +186,10 @@ def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Iterable, eval_
         for mode, base, sub in stages:
             pending = _pending(st, mode, base, sub)
             if pending is not None:
-                _run_exact(st, partials, scanner, metric, targets, mode, base, pending, timing, progress)
+                _run_exact(st, partials, scanner, metric, targets, samples, mode, base, pending, timing, progress)
         timing["method"] = scanner.method
         timing["total_s"] = time.perf_counter() - t_start
-        table = _build(st, kinds, scanner.order(kinds), todo, all_formats, exact_modes, bootstrap, confidence,
+        table = _build(st, kinds, scanner.order(kinds), todo, all_formats, modes_todo, bootstrap, confidence,
                        seed, task_name, be.name, callable_name(metric), timing, scanner)
     if store is not None:
         table.save(Path(store).with_name("sensitivity.json"))
@@ -292,20 +252,15 @@ def _run_proxies(st: ScanStore, qmodel, scanner: ExactScanner, missing: dict, da
     timing["proxies_s"] = res.seconds
 
 
-def _score(metric: Callable, outputs: list, targets: list, n: Optional[int]) -> np.ndarray:
-    from mixq.task import score
-
-    s = score(metric, outputs, targets)
-    if n is not None and s.size != n:
-        raise ScanError(f"the metric returned {s.size} per-sample scores here but {n} for the reference; "
-                        "it must return one score per evaluation sample, every time.")
-    return s
+def _score(metric: Callable, outputs: list, targets: list, n: int) -> np.ndarray:
+    """The metric's scores of one result: exactly ``n`` finite numbers (``mixq.evaluate.score``)."""
+    return score(metric, outputs, targets, n)
 
 
 def _run_exact(st: ScanStore, partials: PartialFiles, scanner: ExactScanner, metric: Callable, targets: list,
-               mode: str, base: str, pending: dict, timing: dict, progress: bool) -> None:
+               samples: int, mode: str, base: str, pending: dict, timing: dict, progress: bool) -> None:
     ref_out, ref_s = scanner.reference(mode, base)
-    ref_scores = _score(metric, ref_out, targets, None)
+    ref_scores = _score(metric, ref_out, targets, samples)
     old = st.get("reference", mode, None, base)
     if old is None or old["scores"] != ref_scores.tolist():
         st.add({"type": "reference", "mode": mode, "format": base, "metric": float(ref_scores.mean()),
@@ -323,7 +278,7 @@ def _run_exact(st: ScanStore, partials: PartialFiles, scanner: ExactScanner, met
     try:
         for fin in scanner.entries(mode, base, pending, ref_out, partials,
                                    lambda u, f, b: bar.step(cost[u], b, f"{u} {f}")):
-            s = _score(metric, fin.outputs, targets, ref_scores.size)
+            s = _score(metric, fin.outputs, targets, samples)
             st.add({"type": "exact", "mode": mode, "layer": fin.unit, "format": fin.fmt,
                     "metric": float(s.mean()), "scores": s.tolist(), "out_sqnr_db": _out_sqnr(ref_out, fin.outputs),
                     "seconds": fin.seconds, "method": scanner.method})

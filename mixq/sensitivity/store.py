@@ -79,7 +79,7 @@ def callable_name(fn: Callable) -> str:
 
 def fingerprint(model: Any, calib_data: Any, eval_data: Any, metric_fn: Callable,
                 settings: Mapping[str, Any]) -> dict[str, str]:
-    """Hash each thing the results depend on; a change in any part makes stored results stale.
+    """Hash each thing the results of a scan of a float model depend on; a change in any part makes them stale.
 
     The formats are deliberately not part of it: each format has its own calibrated quantizers,
     so adding a format to a finished scan measures only the new format.
@@ -93,9 +93,40 @@ def fingerprint(model: Any, calib_data: Any, eval_data: Any, metric_fn: Callable
     }
 
 
+def prepared_fingerprint(qmodel: Any, proxy_calib: Any, eval_data: Any, metric_fn: Callable,
+                         settings: Mapping[str, Any]) -> dict[str, str]:
+    """The fingerprint of a scan of an already calibrated mixq model (same parts as ``fingerprint``).
+
+    ``model`` hashes the model's code and its weights (every parameter and buffer outside the
+    quantizers); ``calib_data`` hashes what calibration produced (every quantizer's ranges and
+    descriptor), the digest of the calibration batches the model recorded, if any, and the
+    calibration batches handed to the scan for the proxies. So two models calibrated on different
+    data differ in ``calib_data`` even when their weights are the same.
+    """
+    from torch import fx
+
+    from mixq.quant.quantizer import TensorQuantizer
+
+    prefixes = tuple(n + "." for n, m in qmodel.named_modules() if isinstance(m, TensorQuantizer))
+    state = qmodel.state_dict()
+    weights = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+    ranges = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    descs = {n: repr(m.desc) for n, m in qmodel.named_modules() if isinstance(m, TensorQuantizer)}
+    st = qmodel.mixq
+    code = qmodel.code if isinstance(qmodel, fx.GraphModule) else _source(type(qmodel))
+    return {
+        "model": digest(type(qmodel).__qualname__ if not isinstance(qmodel, fx.GraphModule) else "fx", code, weights),
+        "calib_data": digest(getattr(st, "calib_digest", ""), ranges, descs, proxy_calib),
+        "eval_data": digest(eval_data),
+        "metric": digest(callable_name(metric_fn), _source(metric_fn)),
+        "settings": digest(dict(settings)),
+    }
+
+
 _PART_WORDS = {"model": "the model (weights or code)", "calib_data": "the calibration data",
                "eval_data": "the evaluation data", "metric": "the metric",
-               "settings": "the scan settings (backend, calibration method, proxy data, seed)"}
+               "settings": "the scan settings (backend, calibration method, quantization mode, proxy data, seed, "
+                           "float or prepared model)"}
 
 
 # --------------------------------------------------------------------- store
@@ -225,6 +256,12 @@ class PartialFiles:
     finished result's files are deleted once its scores are in the results file. Each file is
     written to a temporary name and renamed, so a killed process never leaves half a file.
 
+    The folder may come from someone else (a shared or copied run folder), so files are read
+    with ``torch.load(weights_only=True)``: tensors and plain containers only, never code. Files
+    left by an earlier run are checked when the folder is opened; one that does not load
+    (truncated, corrupt, or not ours) is deleted with a one-line notice, and its piece is
+    recomputed. An output that is not plain tensors and containers stays in memory instead.
+
     Args:
         folder: where the files go; None uses a temporary folder removed by ``close``.
     """
@@ -235,17 +272,42 @@ class PartialFiles:
         self._tmp = tempfile.TemporaryDirectory(prefix="mixq-scan-") if folder is None else None
         self.folder = Path(self._tmp.name if folder is None else folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._memory: dict[tuple, Any] = {}
+        self.discarded: list[str] = []
+        self._check_existing()
+
+    def _check_existing(self) -> None:
+        import sys
+
+        for tmp in self.folder.glob("*.tmp"):  # a put killed before its rename
+            tmp.unlink(missing_ok=True)
+        errors = []
+        for p in sorted(self.folder.glob("*.pt")):
+            try:
+                _load(p)
+            except Exception as e:  # torch raises many types for a bad file (UnpicklingError, RuntimeError, EOFError ...)
+                p.unlink(missing_ok=True)
+                self.discarded.append(p.name)
+                errors.append(f"{p.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
+        if errors:
+            print(f"mixq scan: discarded {len(errors)} unreadable partial file(s) in {str(self.folder)!r}, to be "
+                  f"recomputed (first: {errors[0]})", file=sys.stderr, flush=True)
 
     def _path(self, mode: str, base: str, unit: str, fmt: str, batch: int) -> Path:
         return self.folder / f"{mode}.{base}.{fmt}.{batch}.{unit}.pt"
 
     def has(self, mode: str, base: str, unit: str, fmt: str, batch: int) -> bool:
+        if (mode, base, unit, fmt, batch) in self._memory:
+            return True
         p = self._path(mode, base, unit, fmt, batch)
         return p.is_file() and p.stat().st_size > 0  # an empty file (power loss before a flush) is redone
 
     def put(self, mode: str, base: str, unit: str, fmt: str, batch: int, value: Any) -> None:
         import torch
 
+        if not _plain(value):
+            self._memory[(mode, base, unit, fmt, batch)] = value
+            return
         p = self._path(mode, base, unit, fmt, batch)
         tmp = p.with_name(p.name + ".tmp")
         with open(tmp, "wb") as f:
@@ -253,12 +315,25 @@ class PartialFiles:
         os.replace(tmp, p)  # no fsync: a killed process loses nothing the rename made visible
 
     def get(self, mode: str, base: str, unit: str, fmt: str, batch: int) -> Any:
-        import torch
+        """The stored output.
 
-        # Our own files in the run folder; outputs may be any structure of tensors, not only weights.
-        return torch.load(self._path(mode, base, unit, fmt, batch), map_location="cpu", weights_only=False)
+        Raises:
+            ScanError: the file went missing or became unreadable while the scan ran.
+        """
+        key = (mode, base, unit, fmt, batch)
+        if key in self._memory:
+            return self._memory[key]
+        p = self._path(*key)
+        try:
+            return _load(p)
+        except Exception as e:  # see _check_existing
+            raise ScanError(f"partial result {str(p)!r} became unreadable during the scan ({type(e).__name__}); "
+                            "rerun the scan (it recomputes the piece), and keep other processes out of the "
+                            "run folder.") from None
 
     def drop(self, mode: str, base: str, unit: str, fmt: str) -> None:
+        for k in [k for k in self._memory if k[:4] == (mode, base, unit, fmt)]:
+            del self._memory[k]
         for p in self.folder.glob(f"{mode}.{base}.{fmt}.*.{unit}.pt"):
             if p.name.split(".", 4)[4] == f"{unit}.pt":
                 p.unlink(missing_ok=True)
@@ -266,9 +341,37 @@ class PartialFiles:
     def clear(self) -> None:
         import shutil
 
+        self._memory.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def close(self) -> None:
+        self._memory.clear()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def _load(path: Path) -> Any:
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # a foreign file's pickle-protocol warning would only repeat the notice
+        warnings.simplefilter("ignore")
+        # weights_only: tensors and plain containers; a pickle that would run code is refused
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``torch.load(weights_only=True)`` gives ``value`` back (tensors, numbers, strings, containers)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return type(value) is torch.Tensor or isinstance(value, torch.nn.Parameter)
+    if value is None or type(value) in (bool, int, float, complex, str, bytes):
+        return True
+    if type(value) in (list, tuple):
+        return all(_plain(v) for v in value)
+    if type(value) is dict:
+        return all(type(k) in (str, int) and _plain(v) for k, v in value.items())
+    return False

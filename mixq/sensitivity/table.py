@@ -29,6 +29,7 @@ import numpy as np
 
 from mixq.artifacts import write_atomic
 from mixq.sensitivity.errors import ScanError
+from mixq.stats import paired_bootstrap_ci  # noqa: F401 - its old home; the table's intervals come from it
 
 TABLE_VERSION = 1
 
@@ -36,36 +37,6 @@ TABLE_VERSION = 1
 PROXIES = {"sqnr": ("sqnr_db", -1.0), "mse": ("mse", 1.0), "fisher": ("fisher", 1.0)}
 # exact measures a proxy is compared with (field, sign)
 TARGETS = {"drop": ("drop", 1.0), "out_sqnr": ("out_sqnr_db", -1.0)}
-
-
-def paired_bootstrap_ci(diff: np.ndarray, resamples: int = 1000, confidence: float = 0.95,
-                        seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of the mean of per-sample differences, by resampling samples.
-
-    Args:
-        diff: per-sample paired differences (e.g. FP32 score - quantized score).
-        resamples: bootstrap resamples; 0 gives the degenerate interval (mean, mean).
-        confidence: coverage of the interval.
-        seed: the same seed draws the same resamples for every layer, so intervals are comparable.
-
-    Returns:
-        (low, high).
-    """
-    d = np.asarray(diff, dtype=np.float64).reshape(-1)
-    if d.size == 0:
-        raise ScanError("a bootstrap needs at least one per-sample score.")
-    if resamples <= 0 or np.all(d == d[0]):
-        m = float(d.mean())
-        return m, m
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    chunk = max(1, min(resamples, 2_000_000 // d.size))
-    for start in range(0, resamples, chunk):
-        k = min(chunk, resamples - start)
-        means[start:start + k] = d[rng.integers(0, d.size, size=(k, d.size))].mean(axis=1)
-    alpha = (1.0 - confidence) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
-    return float(lo), float(hi)
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
