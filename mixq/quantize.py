@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
@@ -15,9 +16,11 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from mixq.errors import CalibrationError, MixqError, ModelError
+from mixq.errors import CalibrationError, MixqError, ModelError, PlanError
 from mixq.formats import get_backend, get_format
+from mixq.fingerprint import Hasher
 from mixq.plan import QuantPlan
+from mixq.quant.descriptor import check_calib_method
 from mixq.quant.graph import followers, prepare_fx, reset_quant_module, units
 from mixq.quant.modules import QUANT_MAP, QuantMixin, from_float
 
@@ -41,6 +44,8 @@ class QuantState:
     calib_method: str = "max"
     fallback_reason: str = ""
     extra: dict = field(default_factory=dict)
+    calib_digest: str = ""
+    calib_batches: int = 0
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -135,48 +140,72 @@ def calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str] = N
     """Collect activation statistics for every prepared format in one pass; return batches seen.
 
     The model runs in float during calibration (statistics of the float network), so each
-    format's ranges are independent of which plan is active later.
+    format's ranges are independent of which plan is active later. Every activation quantizer of
+    every prepared format (followers included) calibrates with ``method``, except FP8 and
+    per-channel ones, which use max by design. Statistics of an earlier calibration are dropped.
+    The method and a hash of the batches are recorded in ``qmodel.mixq`` (``calib_method``,
+    ``calib_digest``); plans switched to later must name the same method.
+
+    Args:
+        qmodel: a model from ``prepare`` / ``quantize``.
+        calib_data: iterable of input batches (Tensor, tuple of positional inputs, or dict of kwargs).
+        method: "max", "entropy", "percentile" or "mse"; None keeps the model's (``qmodel.mixq.calib_method``).
+
+    Returns:
+        The number of batches run.
 
     Raises:
+        ConfigError: an unknown method (checked before any work).
         CalibrationError: the loader yields nothing, or yields NaN/Inf.
     """
     st = _state(qmodel)
+    method = check_calib_method(method or st.calib_method)
     mods = [m for m in qmodel.modules() if isinstance(m, QuantMixin)]
     for m in mods:
-        m.begin_calibration()
-    n = 0
+        m.begin_calibration(method)
+    digest = Hasher()
     try:
         with torch.no_grad():
             for batch in calib_data:
                 call_model(qmodel, batch)
-                n += 1
+                digest.update(batch)
     finally:
         for m in mods:
             m.calibrating = False
-    if n == 0:
+    if digest.batches == 0:
         raise CalibrationError("the calibration loader yielded no batch: pass an iterable of input batches "
                                "(a Tensor, or a tuple of Tensors per batch).")
     for m in mods:
-        m.end_calibration(method or st.calib_method)
+        m.end_calibration()
+    st.calib_method, st.calib_digest, st.calib_batches = method, digest.hexdigest(), digest.batches
     st.calibrated = True
-    return n
+    if st.plan is not None and st.plan.calib_method != method:
+        st.plan = dataclasses.replace(st.plan, calib_method=method)
+    return digest.batches
 
 
-def set_plan(qmodel: nn.Module, plan: QuantPlan | str) -> dict[str, str]:
+def set_plan(qmodel: nn.Module, plan: QuantPlan | str | dict) -> dict[str, str]:
     """Switch a prepared, calibrated model to ``plan`` in place; return the resolved {layer: format}.
 
-    Cheap: only attribute changes, no recalibration.
+    Cheap: only attribute changes, no recalibration. A format name (or a plan dict without
+    ``calib_method``) takes the model's calibration method.
 
     Raises:
-        PlanError / UnsupportedFormatError: the plan does not fit the model or was not prepared.
+        PlanError: the plan is for another backend or another calibration method than the model's,
+            names a layer the model lacks, or a format that was not prepared.
+        UnsupportedFormatError: a format the backend cannot run where the plan puts it.
     """
     st = _state(qmodel)
-    plan = _as_plan(plan, st.backend)
+    plan = _as_plan(plan, st.backend, st.calib_method)
     if plan.backend != st.backend:
-        from mixq.errors import PlanError
-
         raise PlanError(f"the plan is for backend {plan.backend!r} but the model was quantized for {st.backend!r}; "
                         f"quantize again with backend={plan.backend!r}.")
+    if plan.calib_method != st.calib_method:
+        raise PlanError(
+            f"the plan asks for {plan.calib_method!r} calibration but the model was calibrated with "
+            f"{st.calib_method!r}; recalibrate with mixq.calibrate(qmodel, calib_data, method={plan.calib_method!r}) "
+            f"(or quantize(..., calib_method={plan.calib_method!r})), or use a plan with "
+            f"calib_method={st.calib_method!r}.")
     resolved = plan.resolve(st.kinds)
     owners = units(qmodel)
     for name, fmt in resolved.items():
@@ -220,8 +249,6 @@ def switched(qmodel: nn.Module, formats: dict[str, str]):
     Raises:
         PlanError: a unit the model does not have, or a format not prepared for it.
     """
-    from mixq.errors import PlanError
-
     _state(qmodel)
     owners = units(qmodel)
     missing = [u for u in formats if u not in owners]
@@ -240,12 +267,12 @@ def switched(qmodel: nn.Module, formats: dict[str, str]):
             m.active_format = f
 
 
-def _as_plan(plan: QuantPlan | str | dict, backend: str) -> QuantPlan:
+def _as_plan(plan: QuantPlan | str | dict, backend: str, calib_method: str = "max") -> QuantPlan:
     if isinstance(plan, QuantPlan):
         return plan
     if isinstance(plan, dict):
-        return QuantPlan.from_dict(plan)
-    return QuantPlan.uniform(plan, backend)
+        return QuantPlan.from_dict({"calib_method": calib_method, **plan})
+    return QuantPlan.uniform(plan, backend, calib_method)
 
 
 def quantize(model: nn.Module, plan_or_format: QuantPlan | str | dict = "int8", backend: Optional[str] = None,
@@ -271,12 +298,14 @@ def quantize(model: nn.Module, plan_or_format: QuantPlan | str | dict = "int8", 
         MixqError subclasses for a bad plan, backend, calibration data or model.
     """
     if isinstance(plan_or_format, str):
-        plan = QuantPlan.uniform(plan_or_format, backend or "ort-cpu", calib_method or "max")
+        plan = QuantPlan.uniform(plan_or_format, backend or "ort-cpu", check_calib_method(calib_method or "max"))
     else:
         plan = _as_plan(plan_or_format, backend or "ort-cpu")
         if backend is not None and get_backend(backend).name != plan.backend:
-            plan = QuantPlan(backend=backend, default=plan.default, layers=plan.layers, calib_method=plan.calib_method)
-    method = calib_method or plan.calib_method
+            plan = dataclasses.replace(plan, backend=backend)
+    method = check_calib_method(calib_method or plan.calib_method)
+    if plan.calib_method != method:
+        plan = dataclasses.replace(plan, calib_method=method)  # the plan on the model names the method used
     qmodel = prepare(model, plan.backend, mode, concrete_args, preserved_attributes, fold_bn)
     st = _state(qmodel)
     st.calib_method = method

@@ -133,20 +133,27 @@ class QuantMixin:
                 if key.startswith("input") or key == "output":
                     yield key, q
 
-    def begin_calibration(self) -> None:
+    def begin_calibration(self, method: Optional[str] = None) -> None:
+        """Start collecting fresh activation statistics, with ``method`` for every activation quantizer.
+
+        Args:
+            method: calibration method for every prepared format (None: each quantizer keeps its
+                descriptor's). FP8 and per-channel quantizers always use max.
+        """
         self.calibrating = True
         for _, q in self.iter_activation_quantizers():
+            q.use_calib_method(method or q.desc.calib_method)
             q.enable_calib()
             q.disable_quant()
 
-    def end_calibration(self, method: Optional[str] = None) -> None:
-        """Turn statistics into ranges; quantizers that saw no data (unused roles) are disabled."""
+    def end_calibration(self) -> None:
+        """Turn statistics into ranges (with the method chosen at ``begin_calibration``); weights too."""
         self.calibrating = False
         for key, q in self.iter_activation_quantizers():
             q.disable_calib()
             q.enable_quant()
             if q._calibrator is not None and q._calibrator.num_batches > 0:
-                q.load_calib_amax()  # the descriptor's method (fp8 and per-channel ranges are always max)
+                q.load_calib_amax()
         self.calibrate_weights()
 
     def calibrate_weights(self) -> None:
