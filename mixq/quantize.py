@@ -18,7 +18,8 @@ from torch import nn
 
 from mixq.errors import CalibrationError, MixqError, ModelError, PlanError
 from mixq.formats import get_backend, get_format
-from mixq.fingerprint import Hasher
+from mixq.fingerprint import Hasher, weights_digest
+from mixq.leftfloat import LeftFloat, ParamCoverage, left_float, param_coverage
 from mixq.plan import QuantPlan
 from mixq.quant.descriptor import check_calib_method
 from mixq.quant.graph import followers, prepare_fx, reset_quant_module, units
@@ -29,6 +30,10 @@ MODES = ("auto", "fx", "module")
 
 class FallbackWarning(UserWarning):
     """FX tracing failed and mixq fell back to module mode."""
+
+
+class LeftFloatWarning(UserWarning):
+    """Weighted modules that mixq cannot quantize stay float (``qmodel.mixq.left_float`` lists them)."""
 
 
 @dataclass
@@ -46,6 +51,10 @@ class QuantState:
     extra: dict = field(default_factory=dict)
     calib_digest: str = ""
     calib_batches: int = 0
+    left_float: list[LeftFloat] = field(default_factory=list)
+    coverage: Optional[ParamCoverage] = None
+    weights_digest: str = ""
+    prepare_options: dict = field(default_factory=dict)
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -96,8 +105,25 @@ def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", conc
             f"the model ({type(model).__name__}) has no quantizable layer: mixq quantizes "
             f"{', '.join(sorted(c.__name__ for c in QUANT_MAP))} modules and functional add/matmul/cat/max_pool."
         )
-    qmodel.mixq = QuantState(backend=be.name, mode=used, kinds=kinds, fallback_reason=reason)
+    left = left_float(model, qmodel)
+    qmodel.mixq = QuantState(backend=be.name, mode=used, kinds=kinds, fallback_reason=reason, left_float=left,
+                             coverage=param_coverage(model, qmodel, left), weights_digest=weights_digest(model),
+                             prepare_options={"mode": mode, "fold_bn": fold_bn,
+                                              "preserved_attributes": list(preserved_attributes)})
     return qmodel
+
+
+def warn_left_float(st: QuantState, stacklevel: int = 3) -> None:
+    """Warn (``LeftFloatWarning``) about weighted modules left float that are not float by design."""
+    todo = [l for l in st.left_float if not l.by_design]
+    if not todo:
+        return
+    shown = "; ".join(f"{l.name or '<model>'} ({l.type}, {l.params:,} params): {l.reason}" for l in todo[:8])
+    more = f"; and {len(todo) - 8} more" if len(todo) > 8 else ""
+    total = st.coverage.model if st.coverage is not None else 0
+    warnings.warn(f"{len(todo)} weighted module(s) stay float ({sum(l.params for l in todo):,} of {total:,} params): "
+                  f"{shown}{more}. `mixq inventory` lists every module left float.", LeftFloatWarning,
+                  stacklevel=stacklevel)
 
 
 def _prepare_modules(model: nn.Module, backend: str) -> nn.Module:
@@ -308,6 +334,7 @@ def quantize(model: nn.Module, plan_or_format: QuantPlan | str | dict = "int8", 
         plan = dataclasses.replace(plan, calib_method=method)  # the plan on the model names the method used
     qmodel = prepare(model, plan.backend, mode, concrete_args, preserved_attributes, fold_bn)
     st = _state(qmodel)
+    warn_left_float(st)
     st.calib_method = method
     plan.validate(st.kinds)
     add_formats(qmodel, [*plan.formats(), *formats], method)

@@ -116,8 +116,10 @@ def fold_batchnorm(gm: fx.GraphModule) -> int:
     """Fold eval-mode BatchNorm into the Conv/Linear that feeds it; return how many were folded.
 
     Only folds when the conv output goes nowhere else, so the graph computes the same function.
+    ``gm.mixq_folded_bn`` records {BatchNorm path: Conv/Linear path} for the fold.
     """
     folded = 0
+    record = gm.__dict__.setdefault("mixq_folded_bn", {})
     for node in list(gm.graph.nodes):
         bn = _module(gm, node)
         if bn is None or not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training:
@@ -130,6 +132,7 @@ def fold_batchnorm(gm: fx.GraphModule) -> int:
             continue
         fused = (fuse_linear_bn_eval if isinstance(conv, nn.Linear) else fuse_conv_bn_eval)(conv, bn)
         _set_module(gm, src.target, fused)
+        record[str(node.target)] = str(src.target)
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         folded += 1
