@@ -20,7 +20,7 @@ from mixq.errors import CalibrationError, MixqError, ModelError, PlanError
 from mixq.formats import get_backend, get_format
 from mixq.fingerprint import Hasher, weights_digest
 from mixq.leftfloat import LeftFloat, ParamCoverage, left_float, param_coverage
-from mixq.plan import QuantPlan
+from mixq.plan import QuantPlan, Realisation
 from mixq.quant.descriptor import check_calib_method
 from mixq.quant.graph import followers, prepare_fx, reset_quant_module, units
 from mixq.quant.modules import QUANT_MAP, QuantMixin, from_float
@@ -55,6 +55,11 @@ class QuantState:
     coverage: Optional[ParamCoverage] = None
     weights_digest: str = ""
     prepare_options: dict = field(default_factory=dict)
+
+    @property
+    def realisation(self) -> Optional[Realisation]:
+        """What the active plan realises on this model (formats per unit, fallbacks and why)."""
+        return self.plan.realisation(self.kinds) if self.plan is not None else None
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
