@@ -48,9 +48,9 @@ class Finished:
     seconds: float
 
 
-def base_plan(mode: str, fmt: str, backend: str) -> QuantPlan:
-    """The plan every unit but the scanned one runs in."""
-    return QuantPlan.uniform("fp32" if mode == ONE_AT_A_TIME else fmt, backend)
+def base_plan(mode: str, fmt: str, backend: str, calib_method: str = "max") -> QuantPlan:
+    """The plan every unit but the scanned one runs in (for the model's calibration method)."""
+    return QuantPlan.uniform("fp32" if mode == ONE_AT_A_TIME else fmt, backend, calib_method)
 
 
 def override_format(mode: str, fmt: str) -> str:
@@ -130,7 +130,7 @@ class ExactScanner:
 
         In fast mode the nodes are timed too, which weights the progress estimate.
         """
-        set_plan(self.qmodel, base_plan(mode, fmt, self.backend))
+        set_plan(self.qmodel, base_plan(mode, fmt, self.backend, self.qmodel.mixq.calib_method))
         t0 = time.perf_counter()
         with torch.no_grad():
             if self.runner is not None:
@@ -156,7 +156,7 @@ class ExactScanner:
                 (and finds the ones an interrupted scan finished); default: in memory.
             on_step: called as (unit, format, batch) after each piece of work (progress).
         """
-        set_plan(self.qmodel, base_plan(mode, base_fmt, self.backend))
+        set_plan(self.qmodel, base_plan(mode, base_fmt, self.backend, self.qmodel.mixq.calib_method))
         order = self.order(todo)
         if self.runner is None:
             yield from self._naive(mode, order, todo, on_step)
