@@ -114,7 +114,8 @@ def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", conc
     qmodel.mixq = QuantState(backend=be.name, mode=used, kinds=kinds, fallback_reason=reason, left_float=left,
                              coverage=param_coverage(model, qmodel, left), weights_digest=weights_digest(model),
                              prepare_options={"mode": mode, "fold_bn": fold_bn,
-                                              "preserved_attributes": list(preserved_attributes)})
+                                              "preserved_attributes": list(preserved_attributes),
+                                              "concrete_args": sorted(concrete_args) if concrete_args else None})
     return qmodel
 
 
@@ -219,7 +220,7 @@ def set_plan(qmodel: nn.Module, plan: QuantPlan | str | dict) -> dict[str, str]:
     """Switch a prepared, calibrated model to ``plan`` in place; return the resolved {layer: format}.
 
     Cheap: only attribute changes, no recalibration. A format name (or a plan dict without
-    ``calib_method``) takes the model's calibration method.
+    ``backend`` / ``calib_method``) takes the model's backend and calibration method.
 
     Raises:
         PlanError: the plan is for another backend or another calibration method than the model's,
@@ -302,7 +303,7 @@ def _as_plan(plan: QuantPlan | str | dict, backend: str, calib_method: str = "ma
     if isinstance(plan, QuantPlan):
         return plan
     if isinstance(plan, dict):
-        return QuantPlan.from_dict({"calib_method": calib_method, **plan})
+        return QuantPlan.from_dict({"backend": backend, "calib_method": calib_method, **plan})
     return QuantPlan.uniform(plan, backend, calib_method)
 
 
