@@ -29,6 +29,7 @@ from mixq.artifacts import write_atomic
 from mixq.errors import CheckpointError, StaleCheckpointError
 from mixq.fingerprint import data_digest, weights_digest
 from mixq.plan import QuantPlan
+from mixq.quant.custom import CustomModules
 from mixq.quant.modules import QuantMixin
 from mixq.quantize import _state, add_formats, prepare, set_plan
 
@@ -140,7 +141,8 @@ def _check_current(meta: dict, model: nn.Module, calib_digest: Optional[str]) ->
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike, *, calib_data: Optional[Iterable] = None,
-                   calib_digest: Optional[str] = None, concrete_args: Optional[dict] = None) -> nn.Module:
+                   calib_digest: Optional[str] = None, concrete_args: Optional[dict] = None,
+                   custom_modules: CustomModules = None) -> nn.Module:
     """Rebuild the quantized model saved at ``path`` from its float ``model``, without calibrating.
 
     Args:
@@ -149,6 +151,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, calib_data: Opt
         calib_data / calib_digest: when given, the calibration data (or its hash,
             ``mixq.fingerprint.data_digest``) must be the one the file was calibrated on.
         concrete_args: FX concrete args, when the saved model was traced with some.
+        custom_modules: the ``custom_modules`` map the saved model was prepared with, if any.
 
     Returns:
         The quantized model, in the plan it was saved in.
@@ -165,9 +168,13 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, calib_data: Opt
     if opts.get("concrete_args") and not concrete_args:
         raise CheckpointError(f"the saved model was traced with concrete_args {opts['concrete_args']}; pass the "
                               "same concrete_args= to load_quantized.")
+    given = sorted(f"{c.__module__}.{c.__qualname__}" for c in (custom_modules or {}))
+    if given != sorted(opts.get("custom_modules") or []):
+        raise CheckpointError(f"the saved model was prepared with custom_modules for {opts.get('custom_modules') or 'no class'}"
+                              f", but load_quantized got them for {given or 'no class'}; pass the same map.")
     blob = _read_tensors(Path(path), meta)
     qmodel = prepare(model, meta["backend"], meta["mode"], concrete_args, opts.get("preserved_attributes", ()),
-                     opts.get("fold_bn"))
+                     opts.get("fold_bn"), custom_modules)
     st = _state(qmodel)
     if st.kinds != meta["kinds"]:
         raise CheckpointError("the model's units differ from the saved ones (same weights, other structure?): "

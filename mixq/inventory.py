@@ -15,6 +15,7 @@ from torch import nn
 
 from mixq.formats import DEFAULT_BACKEND, get_backend
 from mixq.leftfloat import LeftFloat, ParamCoverage, left_float_summary
+from mixq.quant.custom import CustomModules
 from mixq.quant.graph import units
 from mixq.quant.modules import _QuantFunctional
 from mixq.quantize import call_model, prepare
@@ -104,7 +105,7 @@ def macs_of(m: nn.Module, inputs: tuple, output: Any) -> int:
 
 
 def inventory(model: nn.Module, example_inputs: Any, backend: str = DEFAULT_BACKEND, mode: str = "auto",
-              concrete_args: Optional[dict] = None) -> Inventory:
+              concrete_args: Optional[dict] = None, custom_modules: CustomModules = None) -> Inventory:
     """List every quantizable unit of ``model``, measured on ``example_inputs``.
 
     Args:
@@ -112,13 +113,14 @@ def inventory(model: nn.Module, example_inputs: Any, backend: str = DEFAULT_BACK
         example_inputs: one batch (Tensor, tuple of Tensors, or dict of kwargs).
         backend: decides the ``formats`` column and the unit placement rules.
         mode: "auto", "fx" or "module", as for ``quantize``.
+        concrete_args / custom_modules: as for ``quantize``.
 
     Returns:
         An ``Inventory``: LayerInfo per unit, in execution order (units never called come last), with
         ``left_float`` and ``coverage`` attributes.
     """
     be = get_backend(backend)
-    qmodel = prepare(model, be.name, mode, concrete_args)
+    qmodel = prepare(model, be.name, mode, concrete_args, custom_modules=custom_modules)
     found = units(qmodel)
     infos = {n: LayerInfo(name=n, kind=m.kind, module_type=_type_name(m), formats=list(be.supported(m.kind)),
                           params=_float_params(model, n, m))
@@ -158,6 +160,8 @@ def _float_params(model: nn.Module, name: str, unit: nn.Module) -> int:
 def _type_name(m: nn.Module) -> str:
     if isinstance(m, _QuantFunctional):
         return f"functional.{m.kind}"
+    if getattr(type(m), "_float_cls", None) is not None:  # a wrapped subclass: its own class name
+        return type(m)._float_cls.__name__
     for base in type(m).__mro__[1:]:
         if base.__module__.startswith("torch.nn"):
             return base.__name__

@@ -13,12 +13,14 @@ from typing import Optional
 
 from torch import nn
 
+from mixq.quant.custom import WRAPPABLE_KINDS, CustomModules, supported_base
 from mixq.quant.graph import units
-from mixq.quant.modules import QUANT_MAP, QuantMixin, _QuantFunctional
+from mixq.quant.modules import QUANT_MAP, _QuantFunctional
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
               *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
-CUSTOM_HINT = "mixq quantizes exact types only (register it with custom modules)"
+CUSTOM_HINT = ("mixq wraps subclasses of conv, linear and pooling layers from user code only "
+               "(pass custom_modules={{{cls}: QuantClass}} to quantize it)")
 
 
 @dataclass(frozen=True)
@@ -68,13 +70,6 @@ def _unit_modules(model: nn.Module, qmodel: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def _supported_base(cls: type) -> Optional[type]:
-    for base in cls.__mro__[1:]:
-        if base in QUANT_MAP:
-            return base
-    return None
-
-
 def _own_forward(cls: type, base: type) -> bool:
     for c in cls.__mro__:
         if c is base:
@@ -97,9 +92,12 @@ def _opaque_parent(name: str, qmodel: nn.Module) -> Optional[str]:
     return None
 
 
-def _reason(name: str, m: nn.Module, qmodel: nn.Module, folded: Optional[dict[str, str]], mode: str) -> tuple[str, bool]:
+def _reason(name: str, m: nn.Module, qmodel: nn.Module, folded: Optional[dict[str, str]], mode: str,
+            custom: dict) -> tuple[str, bool]:
     cls = type(m)
     label = type_label(cls)
+    if cls in custom and custom[cls] is None:
+        return "kept float as asked (custom_modules maps it to None)", True
     if isinstance(m, nn.modules.batchnorm._BatchNorm) and folded and name in folded:
         return (f"BatchNorm folded into {folded[name]!r} (its scale and shift are that unit's weights and bias; "
                 "excluded by design)"), True
@@ -113,10 +111,13 @@ def _reason(name: str, m: nn.Module, qmodel: nn.Module, folded: Optional[dict[st
             else:
                 why = " (not folded: its input is not the single-use output of an nn.Conv1d/2d/3d or nn.Linear)"
         return f"normalization layer ({label}) kept float by design: not compute-heavy{why}", True
-    base = _supported_base(cls) if cls not in QUANT_MAP else None
+    base = supported_base(cls) if cls not in QUANT_MAP else None
     if base is not None:
         own = " with its own forward" if _own_forward(cls, base) else ""
-        return f"subclass of {type_label(base)}{own}: {CUSTOM_HINT}", False
+        where = "defined inside torch" if cls.__module__.startswith("torch.") else (
+            "" if QUANT_MAP[base].kind in WRAPPABLE_KINDS else f"of a {QUANT_MAP[base].kind} layer")
+        where = f" ({where})" if where else ""
+        return f"subclass of {type_label(base)}{own}{where}: {CUSTOM_HINT.format(cls=cls.__name__)}", False
     if cls in QUANT_MAP:
         if mode == "fx":
             parent = _opaque_parent(name, qmodel)
@@ -128,15 +129,17 @@ def _reason(name: str, m: nn.Module, qmodel: nn.Module, folded: Optional[dict[st
         return "not swapped (it is not reachable as a submodule by name)", False
     if cls.__module__.startswith("torch.nn"):
         return f"no quant module for {label}", False
-    return f"parameters of a module mixq does not know ({label} uses them in its own forward)", False
+    return (f"parameters of a module mixq does not know ({label} uses them in its own forward; pass "
+            f"custom_modules={{{cls.__name__}: QuantClass}} to quantize it)"), False
 
 
-def left_float(model: nn.Module, qmodel: nn.Module) -> list[LeftFloat]:
+def left_float(model: nn.Module, qmodel: nn.Module, custom_modules: CustomModules = None) -> list[LeftFloat]:
     """Every module of ``model`` with parameters of its own that no unit of ``qmodel`` quantizes.
 
     Args:
         model: the float model.
         qmodel: the model ``mixq.prepare`` made from it.
+        custom_modules: the map ``prepare`` was given.
 
     Returns:
         One ``LeftFloat`` per such module, in ``model.named_modules()`` order.
@@ -152,7 +155,7 @@ def left_float(model: nn.Module, qmodel: nn.Module) -> list[LeftFloat]:
             continue
         fresh = [p for p in own if id(p) not in seen]
         seen.update(id(p) for p in own)
-        reason, by_design = _reason(name, m, qmodel, folded, mode)
+        reason, by_design = _reason(name, m, qmodel, folded, mode, dict(custom_modules or {}))
         out.append(LeftFloat(name=name, type=type_label(type(m)), params=sum(p.numel() for p in fresh),
                              reason=reason, by_design=by_design))
     return out

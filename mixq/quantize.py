@@ -23,6 +23,7 @@ from mixq.leftfloat import LeftFloat, ParamCoverage, left_float, param_coverage
 from mixq.plan import QuantPlan, Realisation
 from mixq.quant.descriptor import check_calib_method
 from mixq.quant.graph import followers, prepare_fx, reset_quant_module, units
+from mixq.quant.custom import CustomModules, check_custom_modules, quant_class_for
 from mixq.quant.modules import QUANT_MAP, QuantMixin, from_float
 
 MODES = ("auto", "fx", "module")
@@ -72,7 +73,8 @@ def call_model(model: nn.Module, batch: Any) -> Any:
 
 
 def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", concrete_args: Optional[dict] = None,
-            preserved_attributes: Sequence[str] = (), fold_bn: Optional[bool] = None) -> nn.Module:
+            preserved_attributes: Sequence[str] = (), fold_bn: Optional[bool] = None,
+            custom_modules: CustomModules = None) -> nn.Module:
     """Return a copy of ``model`` whose quantizable units are quant modules (no formats yet).
 
     Args:
@@ -81,18 +83,22 @@ def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", conc
         mode: "fx", "module", or "auto" (FX, falling back to module mode with a warning).
         concrete_args / preserved_attributes: passed to the FX tracer.
         fold_bn: fold BatchNorm into convolutions (FX mode; default when the model is in eval mode).
+        custom_modules: ``{float class: quant class or None}`` for a user's own layers (None keeps a
+            class float). Subclasses of conv / linear / pooling layers from user code need no entry:
+            they are quantized around their own forward.
 
     Raises:
-        MixqError: bad mode; ModelError: no quantizable unit.
+        MixqError: bad mode; ModelError: no quantizable unit, or a bad custom_modules entry.
     """
     be = get_backend(backend)
+    custom = check_custom_modules(custom_modules)
     if mode not in MODES:
         raise MixqError(f"unknown mode {mode!r}; valid modes are {', '.join(MODES)}.")
     reason = ""
     qmodel = None
     if mode in ("auto", "fx"):
         try:
-            qmodel = prepare_fx(model, be.name, concrete_args, preserved_attributes, fold_bn)
+            qmodel = prepare_fx(model, be.name, concrete_args, preserved_attributes, fold_bn, custom)
             used = "fx"
         except Exception as e:  # torch.fx raises many types (TraceError, TypeError, NotImplementedError ...)
             if mode == "fx":
@@ -102,7 +108,7 @@ def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", conc
             warnings.warn(f"FX tracing failed ({reason}); falling back to module mode: functional ops "
                           "(add, matmul, cat, max_pool) stay float.", FallbackWarning, stacklevel=3)
     if qmodel is None:
-        qmodel = _prepare_modules(model, be.name)
+        qmodel = _prepare_modules(model, be.name, custom)
         used = "module"
     kinds = {n: m.kind for n, m in units(qmodel).items()}
     if not kinds:
@@ -110,12 +116,14 @@ def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", conc
             f"the model ({type(model).__name__}) has no quantizable layer: mixq quantizes "
             f"{', '.join(sorted(c.__name__ for c in QUANT_MAP))} modules and functional add/matmul/cat/max_pool."
         )
-    left = left_float(model, qmodel)
+    left = left_float(model, qmodel, custom)
     qmodel.mixq = QuantState(backend=be.name, mode=used, kinds=kinds, fallback_reason=reason, left_float=left,
                              coverage=param_coverage(model, qmodel, left), weights_digest=weights_digest(model),
                              prepare_options={"mode": mode, "fold_bn": fold_bn,
                                               "preserved_attributes": list(preserved_attributes),
-                                              "concrete_args": sorted(concrete_args) if concrete_args else None})
+                                              "concrete_args": sorted(concrete_args) if concrete_args else None,
+                                              "custom_modules": sorted(f"{c.__module__}.{c.__qualname__}"
+                                                                       for c in custom)})
     return qmodel
 
 
@@ -132,17 +140,25 @@ def warn_left_float(st: QuantState, stacklevel: int = 3) -> None:
                   stacklevel=stacklevel)
 
 
-def _prepare_modules(model: nn.Module, backend: str) -> nn.Module:
+def _prepare_modules(model: nn.Module, backend: str, custom: dict) -> nn.Module:
     qmodel = copy.deepcopy(model)
     for m in qmodel.modules():
         if isinstance(m, QuantMixin):
             reset_quant_module(m, backend)
-    swap = [(n, m) for n, m in qmodel.named_modules() if type(m) in QUANT_MAP and n]
-    if type(qmodel) in QUANT_MAP:
-        return from_float(qmodel, backend=backend, formats=())
-    for name, m in swap:
+    swap, owned = [], []  # a custom-mapped module is one unit (or float) as a whole, as in FX mode
+    for n, m in qmodel.named_modules():
+        if isinstance(m, QuantMixin) or any(n.startswith(p) for p in owned):
+            continue
+        if type(m) in custom:
+            owned.append(f"{n}." if n else "")
+        if (q := quant_class_for(type(m), custom)) is not None:
+            swap.append((n, m, q))
+    if swap and swap[0][0] == "":
+        return from_float(qmodel, quant_cls=swap[0][2], backend=backend, formats=())
+    for name, m, qcls in swap:
         parent, _, leaf = name.rpartition(".")
-        setattr(qmodel.get_submodule(parent) if parent else qmodel, leaf, from_float(m, backend=backend, formats=()))
+        setattr(qmodel.get_submodule(parent) if parent else qmodel, leaf,
+                from_float(m, quant_cls=qcls, backend=backend, formats=()))
     return qmodel
 
 
@@ -310,7 +326,8 @@ def _as_plan(plan: QuantPlan | str | dict, backend: str, calib_method: str = "ma
 def quantize(model: nn.Module, plan_or_format: QuantPlan | str | dict = "int8", backend: Optional[str] = None,
              calib_data: Optional[Iterable] = None, calib_method: Optional[str] = None,
              formats: Sequence[str] = (), mode: str = "auto", concrete_args: Optional[dict] = None,
-             preserved_attributes: Sequence[str] = (), fold_bn: Optional[bool] = None) -> nn.Module:
+             preserved_attributes: Sequence[str] = (), fold_bn: Optional[bool] = None,
+             custom_modules: CustomModules = None) -> nn.Module:
     """Return a calibrated fake-quant copy of ``model`` running ``plan_or_format``.
 
     Args:
@@ -322,6 +339,7 @@ def quantize(model: nn.Module, plan_or_format: QuantPlan | str | dict = "int8", 
         formats: extra formats to prepare so that ``set_plan`` can switch to them later.
         mode: "auto" (FX, falling back to module mode), "fx" or "module".
         concrete_args / preserved_attributes / fold_bn: FX options.
+        custom_modules: ``{float class: quant class or None}`` for a user's own layers (see ``prepare``).
 
     Returns:
         The quantized model; ``model.mixq`` holds its QuantState.
@@ -338,7 +356,7 @@ def quantize(model: nn.Module, plan_or_format: QuantPlan | str | dict = "int8", 
     method = check_calib_method(calib_method or plan.calib_method)
     if plan.calib_method != method:
         plan = dataclasses.replace(plan, calib_method=method)  # the plan on the model names the method used
-    qmodel = prepare(model, plan.backend, mode, concrete_args, preserved_attributes, fold_bn)
+    qmodel = prepare(model, plan.backend, mode, concrete_args, preserved_attributes, fold_bn, custom_modules)
     st = _state(qmodel)
     warn_left_float(st)
     st.calib_method = method

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 import mixq
 from mixq.inventory import inventory_json, inventory_table
@@ -49,14 +50,16 @@ class Mixed(nn.Module):
         self.conv = nn.Conv2d(2, 4, 3, bias=False)  # 72
         self.bn = nn.BatchNorm2d(4)                # 8
         self.fc = nn.Linear(8, 3)                  # 27
+        self.ndq = NonDynamicallyQuantizableLinear(8, 8)  # 72, a Linear subclass defined inside torch
 
     def forward(self, idx, img):
-        h = self.sub(self.ln(self.scaled(self.emb(idx)))).mean(1)
+        h = self.ndq(self.sub(self.ln(self.scaled(self.emb(idx))))).mean(1)
         c = F.relu(self.bn(self.conv(self.same(img)))).mean((1, 2, 3))
         return self.fc(h) + c[:, None]
 
 
-CUSTOM = "mixq quantizes exact types only (register it with custom modules)"
+CUSTOM = ("mixq wraps subclasses of conv, linear and pooling layers from user code only (pass "
+          "custom_modules={NonDynamicallyQuantizableLinear: QuantClass} to quantize it)")
 
 
 def _inputs():
@@ -71,31 +74,33 @@ def _inputs():
 def test_every_weighted_module_left_float_is_listed_with_its_reason(mode, bn_reason):
     model = Mixed().eval()
     inv = mixq.inventory(model, _inputs(), mode=mode)
-    assert [l.name for l in inv if l.params] == ["conv", "fc"]
+    # Subclasses from user code are units (wrapped around their own forward), exact types too.
+    assert [(l.name, l.module_type) for l in inv if l.params] == [("sub", "PlainSubLinear"), ("same", "SamePadConv"),
+                                                                 ("conv", "Conv2d"), ("fc", "Linear")]
     got = {l.name: (l.type, l.params, l.by_design) for l in inv.left_float}
     assert got == {"emb": ("nn.Embedding", 80, False), "scaled": ("ScaledLinear", 72, False),
-                   "ln": ("nn.LayerNorm", 16, True), "sub": ("PlainSubLinear", 72, False),
-                   "same": ("SamePadConv", 20, False), "bn": ("nn.BatchNorm2d", 8, True)}
+                   "ln": ("nn.LayerNorm", 16, True), "ndq": ("nn.NonDynamicallyQuantizableLinear", 72, False),
+                   "bn": ("nn.BatchNorm2d", 8, True)}
     reasons = {l.name: l.reason for l in inv.left_float}
     assert reasons["emb"] == "no quant module for nn.Embedding"
-    assert reasons["scaled"].startswith("parameters of a module mixq does not know")
-    assert reasons["same"] == f"subclass of nn.Conv2d with its own forward: {CUSTOM}"
-    assert reasons["sub"] == f"subclass of nn.Linear: {CUSTOM}"
+    assert reasons["scaled"] == ("parameters of a module mixq does not know (ScaledLinear uses them in its own "
+                                 "forward; pass custom_modules={ScaledLinear: QuantClass} to quantize it)")
+    assert reasons["ndq"] == f"subclass of nn.Linear (defined inside torch): {CUSTOM}"
     assert reasons["ln"].startswith("normalization layer (nn.LayerNorm) kept float by design: not compute-heavy")
     assert reasons["bn"].startswith(bn_reason)
     # Totals add up, each counted independently: unit params + left-float params = model params.
     unit_params = sum(l.params for l in inv)
-    assert unit_params == 72 + 27
-    assert inv.coverage.model == sum(p.numel() for p in model.parameters()) == 367
+    assert unit_params == 72 + 20 + 72 + 27
+    assert inv.coverage.model == sum(p.numel() for p in model.parameters()) == 439
     assert inv.coverage.quantized == unit_params and unit_params + inv.coverage.left_float == inv.coverage.model
 
     table = inventory_table(inv)
-    assert "left float: 6 modules, 268 params (model 367 params: 99 in quantized units)" in table
-    assert f"  same (SamePadConv, 20 params): subclass of nn.Conv2d with its own forward: {CUSTOM}" in table
+    assert "left float: 5 modules, 248 params (model 439 params: 191 in quantized units)" in table
+    assert f"  ndq (nn.NonDynamicallyQuantizableLinear, 72 params): subclass of nn.Linear (defined inside torch)" in table
     data = json.loads(inventory_json(inv))
     assert [u["name"] for u in data["units"]] == [l.name for l in inv]
     assert {d["name"] for d in data["left_float"]} == set(got)
-    assert data["params"] == {"model": 367, "quantized": 99, "left_float": 268}
+    assert data["params"] == {"model": 439, "quantized": 191, "left_float": 248}
 
 
 def test_quantize_warns_about_modules_left_float_not_by_design():
@@ -105,10 +110,10 @@ def test_quantize_warns_about_modules_left_float_not_by_design():
         q = mixq.quantize(model, "int8", calib_data=[_inputs()])
     msgs = [str(w.message) for w in caught if issubclass(w.category, LeftFloatWarning)]
     assert len(msgs) == 1
-    assert msgs[0].startswith("4 weighted module(s) stay float (244 of 367 params): emb (nn.Embedding, 80 params)")
-    assert "same (SamePadConv, 20 params): subclass of nn.Conv2d with its own forward" in msgs[0]
+    assert msgs[0].startswith("3 weighted module(s) stay float (224 of 439 params): emb (nn.Embedding, 80 params)")
+    assert "ndq (nn.NonDynamicallyQuantizableLinear, 72 params): subclass of nn.Linear (defined inside torch)" in msgs[0]
     assert "ln (" not in msgs[0] and "bn (" not in msgs[0]
-    assert [l.name for l in q.mixq.left_float] == ["emb", "scaled", "ln", "sub", "same", "bn"]
+    assert [l.name for l in q.mixq.left_float] == ["emb", "scaled", "ln", "bn", "ndq"]
 
 
 def test_a_fully_covered_model_warns_nothing_and_shared_weights_count_once():

@@ -147,14 +147,15 @@ QUANT_MAP: dict[type, type] = {
 KIND_OF: dict[type, str] = {float_cls: quant_cls.kind for float_cls, quant_cls in QUANT_MAP.items()}
 
 
-def from_float(module: nn.Module, **quant_kwargs) -> nn.Module:
+def from_float(module: nn.Module, quant_cls: Optional[type] = None, **quant_kwargs) -> nn.Module:
     """Return a quant module sharing ``module``'s parameters (no copy of the weights).
 
     Args:
-        module: an instance of a float class in ``QUANT_MAP``.
+        module: an instance of a float class in ``QUANT_MAP`` (or of ``quant_cls``'s float class).
+        quant_cls: the quant class to build (default: ``QUANT_MAP[type(module)]``).
         quant_kwargs: passed to ``init_quantizer`` (backend, formats, calib_method).
     """
-    qcls = QUANT_MAP[type(module)]
+    qcls = quant_cls or QUANT_MAP[type(module)]
     q = qcls.__new__(qcls)
     # Fresh containers (parameter/buffer/module dicts, hook dicts, the non-persistent buffer set,
     # RNN weight lists) so the float module is left untouched; the tensors themselves are shared.
