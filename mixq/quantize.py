@@ -124,7 +124,17 @@ def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", conc
                                               "concrete_args": sorted(concrete_args) if concrete_args else None,
                                               "custom_modules": sorted(f"{c.__module__}.{c.__qualname__}"
                                                                        for c in custom)})
+    _preserve_on_deepcopy(qmodel, "mixq", "mixq_folded_bn")
     return qmodel
+
+
+def _preserve_on_deepcopy(qmodel: nn.Module, *attrs: str) -> None:
+    """GraphModule.__deepcopy__ drops plain attributes except those named in its meta; name ours there."""
+    key = getattr(torch.fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", None)
+    meta = getattr(qmodel, "meta", None)
+    if isinstance(qmodel, torch.fx.GraphModule) and key and isinstance(meta, dict):
+        keep = meta.setdefault(key, {})
+        keep.update({a: getattr(qmodel, a) for a in attrs if hasattr(qmodel, a)})
 
 
 def warn_left_float(st: QuantState, stacklevel: int = 3) -> None:

@@ -143,3 +143,15 @@ def test_plan_switches_move_follower_quantizers():
         assert _follower_formats(q) == {o: "fp32" if o == owners[1] else "int8" for o in owners}
     assert set(_follower_formats(q).values()) == {"int8"} and torch.equal(q(x), int8_out)
     assert units(q)[owners[1]].active_format == "int8"
+
+
+def test_deepcopy_keeps_an_independent_quant_state():
+    import copy
+
+    model, calib, x = build("residual")
+    q = mixq.quantize(model, "int8", calib_data=calib, calib_method="percentile")
+    dup = copy.deepcopy(q)
+    assert dup.mixq is not q.mixq and dup.mixq.calib_method == "percentile" and dup.mixq.kinds == q.mixq.kinds
+    assert torch.equal(dup(x), q(x))
+    mixq.set_plan(dup, "fp32")
+    assert q.mixq.plan.default == "int8" and not torch.equal(dup(x), q(x))
