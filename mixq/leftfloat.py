@@ -127,6 +127,8 @@ def _reason(name: str, m: nn.Module, qmodel: nn.Module, folded: Optional[dict[st
             return ("not called as a module in the traced forward (FX graph mode quantizes the module calls it "
                     "sees; a parent's forward may use its weight directly)"), False
         return "not swapped (it is not reachable as a submodule by name)", False
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        return f"no quant module for {label} (a table lookup: no multiply-accumulates; its table stays float)", False
     if cls.__module__.startswith("torch.nn"):
         return f"no quant module for {label}", False
     return (f"parameters of a module mixq does not know ({label} uses them in its own forward; pass "

@@ -82,7 +82,7 @@ def test_every_weighted_module_left_float_is_listed_with_its_reason(mode, bn_rea
                    "ln": ("nn.LayerNorm", 16, True), "ndq": ("nn.NonDynamicallyQuantizableLinear", 72, False),
                    "bn": ("nn.BatchNorm2d", 8, True)}
     reasons = {l.name: l.reason for l in inv.left_float}
-    assert reasons["emb"] == "no quant module for nn.Embedding"
+    assert reasons["emb"] == "no quant module for nn.Embedding (a table lookup: no multiply-accumulates; its table stays float)"
     assert reasons["scaled"] == ("parameters of a module mixq does not know (ScaledLinear uses them in its own "
                                  "forward; pass custom_modules={ScaledLinear: QuantClass} to quantize it)")
     assert reasons["ndq"] == f"subclass of nn.Linear (defined inside torch): {CUSTOM}"
