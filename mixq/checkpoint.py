@@ -27,7 +27,7 @@ from torch import nn
 
 from mixq.artifacts import write_atomic
 from mixq.errors import CheckpointError, StaleCheckpointError
-from mixq.fingerprint import data_digest, weights_digest
+from mixq.fingerprint import data_digest, parameters_digest, weights_digest
 from mixq.plan import QuantPlan
 from mixq.quant.custom import CustomModules
 from mixq.quant.modules import QuantMixin
@@ -73,12 +73,17 @@ def save_quantized(qmodel: nn.Module, path: str | os.PathLike) -> Path:
         The folder.
 
     Raises:
-        MixqError: the model was not prepared by mixq; CheckpointError: it is not calibrated.
+        MixqError: the model was not prepared by mixq; CheckpointError: it is not calibrated, or its
+            weights changed since it was prepared.
     """
     st = _state(qmodel)
     if not st.calibrated:
         raise CheckpointError("the model is not calibrated: calibrate it (mixq.calibrate or quantize(..., "
                               "calib_data=...)) before saving it.")
+    if st.prepared_digest and parameters_digest(qmodel) != st.prepared_digest:
+        raise CheckpointError("the model's weights changed after it was prepared (fine-tuning?): a saved file rebuilds "
+                              "the model from the float weights, so it would not reproduce them. Save the "
+                              "fine-tuned float model's weights instead and quantize it again.")
     folder = Path(path)
     buf = io.BytesIO()
     torch.save(_quantizer_tensors(qmodel), buf)

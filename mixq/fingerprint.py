@@ -58,6 +58,15 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def parameters_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's parameters only, by name (quantizer parameters such as learned ranges excluded)."""
+    h = Hasher()
+    for name, p in sorted(model.named_parameters(remove_duplicate=False)):
+        if ".quantizers." not in f".{name}":
+            h.update((name, p))
+    return h.hexdigest()
+
+
 def data_digest(batches: Any) -> str:
     """SHA-256 of an iterable of batches, as ``calibrate`` computes it while it runs them."""
     h = Hasher()

@@ -191,6 +191,11 @@ class Realisation:
         """``all-int8`` when every unit runs the default, else ``int4_wo on 1 of 14 units``."""
         return f"all-{self.default}" if self.complete else f"{self.default} on {self.by_default} of {self.total} units"
 
+    def to_dict(self) -> dict:
+        """Plain data for reports: the fields, plus ``label`` and ``summary``."""
+        return {**asdict(self), "default_kinds": list(self.default_kinds), "label": self.label,
+                "summary": self.summary()}
+
     def summary(self) -> str:
         """One line, e.g. ``int4_wo on 1 of 14 units; 13 stay fp32 because ort-cpu runs int4_wo only on linear``."""
         parts = [f"{self.default} on all {self.total} units" if self.complete else self.label]

@@ -18,7 +18,7 @@ from torch import nn
 
 from mixq.errors import CalibrationError, MixqError, ModelError, PlanError
 from mixq.formats import get_backend, get_format
-from mixq.fingerprint import Hasher, weights_digest
+from mixq.fingerprint import Hasher, parameters_digest, weights_digest
 from mixq.leftfloat import LeftFloat, ParamCoverage, left_float, param_coverage
 from mixq.plan import QuantPlan, Realisation
 from mixq.quant.descriptor import check_calib_method
@@ -56,6 +56,7 @@ class QuantState:
     coverage: Optional[ParamCoverage] = None
     weights_digest: str = ""
     prepare_options: dict = field(default_factory=dict)
+    prepared_digest: str = ""
 
     @property
     def realisation(self) -> Optional[Realisation]:
@@ -124,6 +125,7 @@ def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", conc
                                               "concrete_args": sorted(concrete_args) if concrete_args else None,
                                               "custom_modules": sorted(f"{c.__module__}.{c.__qualname__}"
                                                                        for c in custom)})
+    qmodel.mixq.prepared_digest = parameters_digest(qmodel)
     _preserve_on_deepcopy(qmodel, "mixq", "mixq_folded_bn")
     return qmodel
 

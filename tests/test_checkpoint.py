@@ -86,6 +86,10 @@ def test_stale_or_damaged_files_are_refused(tmp_path):
         load_quantized(model, path)
     with pytest.raises(CheckpointError, match="holds no saved quantized model"):
         load_quantized(model, tmp_path / "nowhere")
+    with torch.no_grad():
+        q.fc.weight[0, 0] += 1.0  # as fine-tuning would
+    with pytest.raises(CheckpointError, match="weights changed after it was prepared"):
+        save_quantized(q, tmp_path / "tuned")
 
 
 class _Plant:

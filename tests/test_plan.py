@@ -91,6 +91,8 @@ def test_realisation_says_what_a_plan_runs_and_why_units_fall_back():
     assert r.summary() == ("fp8_e4m3 on 9 of 10 units; 1 stays fp32 because tensorrt runs fp8_e4m3 only on "
                            "conv, conv_transpose, linear, matmul, add")
     assert r.fallback == {"pool": "tensorrt cannot run fp8_e4m3 on avgpool units"}
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["label"] == "fp8_e4m3 on 9 of 10 units" and d["counts"] == {"fp32": 1, "fp8_e4m3": 9}
 
 
 RUNS = ("no unit of the model can run '{f}' on backend 'ort-cpu' (the model's units: conv (6), add (2), avgpool (1), "
