@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Mapping
 
 from mixq.artifacts import write_atomic
+from mixq.calib_methods import CALIB_METHODS
 from mixq.errors import PlanError, UnsupportedFormatError, did_you_mean
 from mixq.formats import DEFAULT_BACKEND, FORMATS, Backend, get_backend, get_format
-from mixq.quant.descriptor import CALIB_METHODS
 
 
 @dataclass

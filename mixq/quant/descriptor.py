@@ -4,25 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from mixq.errors import ConfigError, did_you_mean
+from mixq.calib_methods import CALIB_METHODS, check_calib_method  # noqa: F401 (re-exported)
+from mixq.errors import ConfigError
 from mixq.formats import TensorScheme
-
-CALIB_METHODS = ("max", "entropy", "percentile", "mse")
-
-
-def check_calib_method(method: str) -> str:
-    """Return the canonical name of an activation calibration method ("histogram" means "entropy").
-
-    Raises:
-        ConfigError: ``method`` is not one of ``CALIB_METHODS``.
-    """
-    if method == "histogram":
-        return "entropy"
-    if method not in CALIB_METHODS:
-        raise ConfigError(f"unknown calib_method {method!r}; valid methods are {', '.join(CALIB_METHODS)}."
-                          f"{did_you_mean(str(method), CALIB_METHODS)}")
-    return method
-
 
 @dataclass(frozen=True)
 class QuantDescriptor:
