@@ -49,3 +49,11 @@ def did_you_mean(bad: str, valid: Iterable[str], n: int = 3) -> str:
     """Return a ' Did you mean ...?' suffix naming the closest valid names, or ''."""
     close = difflib.get_close_matches(bad, list(valid), n=n, cutoff=0.5)
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+class CheckpointError(MixqError, ValueError):
+    """A saved quantized model that cannot be read (missing, corrupt, or not a mixq file)."""
+
+
+class StaleCheckpointError(CheckpointError):
+    """A saved quantized model made from other weights, calibration data or versions than the ones at hand."""

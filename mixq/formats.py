@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from mixq.calib_methods import CALIB_METHODS  # noqa: F401 (kept importable from here)
 from mixq.errors import UnknownBackendError, UnknownFormatError, UnsupportedFormatError, did_you_mean
 
 Kind = Literal["float", "int", "fp8"]
-# Calibration methods (how activation ranges are found); plain data, so mixq.plan validates them without torch.
-CALIB_METHODS = ("max", "entropy", "percentile", "mse")
 
 
 @dataclass(frozen=True)

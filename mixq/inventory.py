@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from mixq.formats import DEFAULT_BACKEND, get_backend
+from mixq.leftfloat import LeftFloat, ParamCoverage, left_float_summary
+from mixq.quant.custom import CustomModules
 from mixq.quant.graph import units
 from mixq.quant.modules import _QuantFunctional
 from mixq.quantize import call_model, prepare
@@ -28,7 +30,9 @@ class LayerInfo:
         kind: "conv", "linear", "add", "matmul" ...
         module_type: the float class (or the functional op) it stands for.
         input_shapes / output_shape: shapes seen on the example inputs (first call).
-        params: parameters the unit owns.
+        params: parameters of the float module the unit stands for (0 for functional ops; a
+            convolution keeps its own count when BatchNorm is folded into it: the BatchNorm's
+            parameters are listed as folded in ``Inventory.left_float``).
         macs: multiply-accumulates per example forward (all calls).
         calls: how many times the unit runs per forward (a reused module counts twice).
         formats: formats the backend can realise for it.
@@ -43,6 +47,21 @@ class LayerInfo:
     macs: int = 0
     calls: int = 0
     formats: list = field(default_factory=list)
+
+
+class Inventory(list):
+    """The units (a list of ``LayerInfo``, as before) plus what the model leaves float.
+
+    Attributes:
+        left_float: every module with parameters of its own that no unit quantizes, with the reason.
+        coverage: parameter totals (model = quantized units + left float).
+    """
+
+    def __init__(self, layers: Sequence[LayerInfo] = (), left_float: Sequence[LeftFloat] = (),
+                 coverage: Optional[ParamCoverage] = None) -> None:
+        super().__init__(layers)
+        self.left_float = list(left_float)
+        self.coverage = coverage
 
 
 def _shape(x: Any) -> list:
@@ -86,7 +105,7 @@ def macs_of(m: nn.Module, inputs: tuple, output: Any) -> int:
 
 
 def inventory(model: nn.Module, example_inputs: Any, backend: str = DEFAULT_BACKEND, mode: str = "auto",
-              concrete_args: Optional[dict] = None) -> list[LayerInfo]:
+              concrete_args: Optional[dict] = None, custom_modules: CustomModules = None) -> Inventory:
     """List every quantizable unit of ``model``, measured on ``example_inputs``.
 
     Args:
@@ -94,15 +113,17 @@ def inventory(model: nn.Module, example_inputs: Any, backend: str = DEFAULT_BACK
         example_inputs: one batch (Tensor, tuple of Tensors, or dict of kwargs).
         backend: decides the ``formats`` column and the unit placement rules.
         mode: "auto", "fx" or "module", as for ``quantize``.
+        concrete_args / custom_modules: as for ``quantize``.
 
     Returns:
-        LayerInfo per unit, in execution order (units never called come last).
+        An ``Inventory``: LayerInfo per unit, in execution order (units never called come last), with
+        ``left_float`` and ``coverage`` attributes.
     """
     be = get_backend(backend)
-    qmodel = prepare(model, be.name, mode, concrete_args)
+    qmodel = prepare(model, be.name, mode, concrete_args, custom_modules=custom_modules)
     found = units(qmodel)
     infos = {n: LayerInfo(name=n, kind=m.kind, module_type=_type_name(m), formats=list(be.supported(m.kind)),
-                          params=sum(p.numel() for p in m.parameters(recurse=False)))
+                          params=_float_params(model, n, m))
              for n, m in found.items()}
     order: list[str] = []
     hooks = []
@@ -123,12 +144,24 @@ def inventory(model: nn.Module, example_inputs: Any, backend: str = DEFAULT_BACK
         for h in hooks:
             h.remove()
     rest = [n for n in infos if n not in order]
-    return [infos[n] for n in order + rest]
+    st = qmodel.mixq
+    return Inventory([infos[n] for n in order + rest], st.left_float, st.coverage)
+
+
+def _float_params(model: nn.Module, name: str, unit: nn.Module) -> int:
+    if isinstance(unit, _QuantFunctional):
+        return 0
+    try:
+        return sum(p.numel() for p in model.get_submodule(name).parameters(recurse=False))
+    except AttributeError:
+        return sum(p.numel() for p in unit.parameters(recurse=False))
 
 
 def _type_name(m: nn.Module) -> str:
     if isinstance(m, _QuantFunctional):
         return f"functional.{m.kind}"
+    if getattr(type(m), "_float_cls", None) is not None:  # a wrapped subclass: its own class name
+        return type(m)._float_cls.__name__
     for base in type(m).__mro__[1:]:
         if base.__module__.startswith("torch.nn"):
             return base.__name__
@@ -147,8 +180,15 @@ def inventory_table(layers: Sequence[LayerInfo]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     total_p, total_m = sum(l.params for l in layers), sum(l.macs for l in layers)
     lines.append(f"{len(layers)} units, {total_p:,} params, {total_m:,} MACs")
+    left = getattr(layers, "left_float", None)
+    if left is not None:
+        lines.append(left_float_summary(left, getattr(layers, "coverage", None)))
     return "\n".join(lines)
 
 
 def inventory_json(layers: Sequence[LayerInfo]) -> str:
-    return json.dumps([asdict(l) for l in layers], indent=1)
+    """JSON object: ``units`` (LayerInfo dicts), ``left_float`` (module, type, params, reason, by_design), ``params``."""
+    cov = getattr(layers, "coverage", None)
+    return json.dumps({"units": [asdict(l) for l in layers],
+                       "left_float": [asdict(l) for l in getattr(layers, "left_float", [])],
+                       "params": asdict(cov) if cov is not None else None}, indent=1)

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Mapping
 
 from mixq.artifacts import write_atomic
-from mixq.errors import PlanError, did_you_mean
-from mixq.formats import CALIB_METHODS, DEFAULT_BACKEND, get_backend, get_format
+from mixq.calib_methods import CALIB_METHODS
+from mixq.errors import PlanError, UnsupportedFormatError, did_you_mean
+from mixq.formats import DEFAULT_BACKEND, FORMATS, Backend, get_backend, get_format
 
 
 @dataclass
@@ -75,11 +76,40 @@ class QuantPlan:
         be = get_backend(self.backend)
         for n, f in self.layers.items():
             be.check(f, kinds[n], n)
+        # The default applies to the units the plan does not name; if it runs on none of them, the result would be
+        # a float model labelled with that format.
+        left = [kinds[n] for n in kinds if n not in self.layers]
+        if self.default != "fp32" and left and not any(self.default in be.supported(k) for k in left):
+            counts = {k: left.count(k) for k in dict.fromkeys(left)}
+            units = ", ".join(f"{k} ({n})" for k, n in counts.items())
+            whose = "the model's units" if len(left) == len(kinds) else \
+                f"the {len(left)} unit(s) the plan leaves to its default"
+            raise UnsupportedFormatError(
+                f"no unit of the model can run {self.default!r} on backend {self.backend!r} ({whose}: "
+                f"{units}); {runs_per_kind(be, counts)}. Choose one of those formats or another backend.")
 
     def resolve(self, kinds: Mapping[str, str]) -> dict[str, str]:
         """Return the full {layer: format} map for a model's layers (validated)."""
         self.validate(kinds)
         return {n: self.format_for(n, k) for n, k in kinds.items()}
+
+    def realisation(self, kinds: Mapping[str, str]) -> "Realisation":
+        """What this plan realises on a model's units (name -> kind): formats per unit and the fallbacks.
+
+        Raises:
+            the errors of ``validate``.
+        """
+        self.validate(kinds)
+        be = get_backend(self.backend)
+        assigned, fallback = {}, {}
+        for n, k in kinds.items():
+            assigned[n] = self.format_for(n, k)
+            if n not in self.layers and assigned[n] != self.default:
+                fallback[n] = f"{be.name} cannot run {self.default} on {k} units"
+        counts = {f: n for f in FORMATS if (n := sum(v == f for v in assigned.values()))}
+        return Realisation(backend=be.name, default=self.default, total=len(kinds), counts=counts,
+                           named={n: f for n, f in self.layers.items()}, fallback=fallback,
+                           default_kinds=tuple(k for k in be.formats if self.default in be.supported(k)))
 
     def formats(self) -> set[str]:
         """Every format the plan can ask for."""
@@ -118,3 +148,68 @@ class QuantPlan:
         if not p.is_file():
             raise PlanError(f"plan file {str(p)!r} does not exist.")
         return cls.from_json(p.read_text())
+
+
+def runs_per_kind(backend: Backend, counts: Mapping[str, int]) -> str:
+    """``"ort-cpu runs: int8 on conv, linear; int4_wo on linear"`` for the unit kinds in ``counts``."""
+    parts = []
+    for f in FORMATS:
+        on = [k for k in counts if f != "fp32" and f in backend.supported(k)]
+        if on:
+            parts.append(f"{f} on {', '.join(on)}")
+    return f"{backend.name} runs: {'; '.join(parts)}" if parts else f"{backend.name} runs only fp32 on these units"
+
+
+@dataclass(frozen=True)
+class Realisation:
+    """What a plan realises on one model: the format of every unit, counted, and why units fell back.
+
+    Attributes:
+        backend / default: the plan's.
+        total: number of units.
+        counts: format -> units that run it (formats in ``FORMATS`` order).
+        named: units the plan names explicitly -> their format.
+        fallback: unit -> why it runs fp32 although the plan's default is another format.
+        default_kinds: unit kinds the backend runs the default on (every kind it knows).
+    """
+
+    backend: str
+    default: str
+    total: int
+    counts: dict[str, int]
+    named: dict[str, str]
+    fallback: dict[str, str]
+    default_kinds: tuple[str, ...] = ()
+
+    @property
+    def by_default(self) -> int:
+        """Units that run the plan's default format without being named."""
+        return self.total - len(self.named) - len(self.fallback)
+
+    @property
+    def complete(self) -> bool:
+        """Every unit runs the default format (the plan is "all-<default>")."""
+        return self.by_default == self.total
+
+    @property
+    def label(self) -> str:
+        """``all-int8`` when every unit runs the default, else ``int4_wo on 1 of 14 units``."""
+        return f"all-{self.default}" if self.complete else f"{self.default} on {self.by_default} of {self.total} units"
+
+    def to_dict(self) -> dict:
+        """Plain data for reports: the fields, plus ``label`` and ``summary``."""
+        return {**asdict(self), "default_kinds": list(self.default_kinds), "label": self.label,
+                "summary": self.summary()}
+
+    def summary(self) -> str:
+        """One line, e.g. ``int4_wo on 1 of 14 units; 13 stay fp32 because ort-cpu runs int4_wo only on linear``."""
+        parts = [f"{self.default} on all {self.total} units" if self.complete else self.label]
+        named = {f: sum(v == f for v in self.named.values()) for f in FORMATS}
+        for f, n in named.items():
+            if n:
+                parts.append(f"{f} on {n} named in the plan")
+        if self.fallback:
+            n = len(self.fallback)
+            parts.append(f"{n} {'stays' if n == 1 else 'stay'} fp32 because {self.backend} runs {self.default} only "
+                         f"on {', '.join(self.default_kinds)}")
+        return "; ".join(parts)

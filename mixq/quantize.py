@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
@@ -15,10 +16,14 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from mixq.errors import CalibrationError, MixqError, ModelError
+from mixq.errors import CalibrationError, MixqError, ModelError, PlanError
 from mixq.formats import get_backend, get_format
-from mixq.plan import QuantPlan
+from mixq.fingerprint import Hasher, parameters_digest, weights_digest
+from mixq.leftfloat import LeftFloat, ParamCoverage, left_float, param_coverage
+from mixq.plan import QuantPlan, Realisation
+from mixq.quant.descriptor import check_calib_method
 from mixq.quant.graph import followers, prepare_fx, reset_quant_module, units
+from mixq.quant.custom import CustomModules, check_custom_modules, quant_class_for
 from mixq.quant.modules import QUANT_MAP, QuantMixin, from_float
 
 MODES = ("auto", "fx", "module")
@@ -26,6 +31,10 @@ MODES = ("auto", "fx", "module")
 
 class FallbackWarning(UserWarning):
     """FX tracing failed and mixq fell back to module mode."""
+
+
+class LeftFloatWarning(UserWarning):
+    """Weighted modules that mixq cannot quantize stay float (``qmodel.mixq.left_float`` lists them)."""
 
 
 @dataclass
@@ -41,6 +50,18 @@ class QuantState:
     calib_method: str = "max"
     fallback_reason: str = ""
     extra: dict = field(default_factory=dict)
+    calib_digest: str = ""
+    calib_batches: int = 0
+    left_float: list[LeftFloat] = field(default_factory=list)
+    coverage: Optional[ParamCoverage] = None
+    weights_digest: str = ""
+    prepare_options: dict = field(default_factory=dict)
+    prepared_digest: str = ""
+
+    @property
+    def realisation(self) -> Optional[Realisation]:
+        """What the active plan realises on this model (formats per unit, fallbacks and why)."""
+        return self.plan.realisation(self.kinds) if self.plan is not None else None
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -53,7 +74,8 @@ def call_model(model: nn.Module, batch: Any) -> Any:
 
 
 def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", concrete_args: Optional[dict] = None,
-            preserved_attributes: Sequence[str] = (), fold_bn: Optional[bool] = None) -> nn.Module:
+            preserved_attributes: Sequence[str] = (), fold_bn: Optional[bool] = None,
+            custom_modules: CustomModules = None) -> nn.Module:
     """Return a copy of ``model`` whose quantizable units are quant modules (no formats yet).
 
     Args:
@@ -62,18 +84,22 @@ def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", conc
         mode: "fx", "module", or "auto" (FX, falling back to module mode with a warning).
         concrete_args / preserved_attributes: passed to the FX tracer.
         fold_bn: fold BatchNorm into convolutions (FX mode; default when the model is in eval mode).
+        custom_modules: ``{float class: quant class or None}`` for a user's own layers (None keeps a
+            class float). Subclasses of conv / linear / pooling layers from user code need no entry:
+            they are quantized around their own forward.
 
     Raises:
-        MixqError: bad mode; ModelError: no quantizable unit.
+        MixqError: bad mode; ModelError: no quantizable unit, or a bad custom_modules entry.
     """
     be = get_backend(backend)
+    custom = check_custom_modules(custom_modules)
     if mode not in MODES:
         raise MixqError(f"unknown mode {mode!r}; valid modes are {', '.join(MODES)}.")
     reason = ""
     qmodel = None
     if mode in ("auto", "fx"):
         try:
-            qmodel = prepare_fx(model, be.name, concrete_args, preserved_attributes, fold_bn)
+            qmodel = prepare_fx(model, be.name, concrete_args, preserved_attributes, fold_bn, custom)
             used = "fx"
         except Exception as e:  # torch.fx raises many types (TraceError, TypeError, NotImplementedError ...)
             if mode == "fx":
@@ -83,7 +109,7 @@ def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", conc
             warnings.warn(f"FX tracing failed ({reason}); falling back to module mode: functional ops "
                           "(add, matmul, cat, max_pool) stay float.", FallbackWarning, stacklevel=3)
     if qmodel is None:
-        qmodel = _prepare_modules(model, be.name)
+        qmodel = _prepare_modules(model, be.name, custom)
         used = "module"
     kinds = {n: m.kind for n, m in units(qmodel).items()}
     if not kinds:
@@ -91,21 +117,60 @@ def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", conc
             f"the model ({type(model).__name__}) has no quantizable layer: mixq quantizes "
             f"{', '.join(sorted(c.__name__ for c in QUANT_MAP))} modules and functional add/matmul/cat/max_pool."
         )
-    qmodel.mixq = QuantState(backend=be.name, mode=used, kinds=kinds, fallback_reason=reason)
+    left = left_float(model, qmodel, custom)
+    qmodel.mixq = QuantState(backend=be.name, mode=used, kinds=kinds, fallback_reason=reason, left_float=left,
+                             coverage=param_coverage(model, qmodel, left), weights_digest=weights_digest(model),
+                             prepare_options={"mode": mode, "fold_bn": fold_bn,
+                                              "preserved_attributes": list(preserved_attributes),
+                                              "concrete_args": sorted(concrete_args) if concrete_args else None,
+                                              "custom_modules": sorted(f"{c.__module__}.{c.__qualname__}"
+                                                                       for c in custom)})
+    qmodel.mixq.prepared_digest = parameters_digest(qmodel)
+    _preserve_on_deepcopy(qmodel, "mixq", "mixq_folded_bn")
     return qmodel
 
 
-def _prepare_modules(model: nn.Module, backend: str) -> nn.Module:
+def _preserve_on_deepcopy(qmodel: nn.Module, *attrs: str) -> None:
+    """GraphModule.__deepcopy__ drops plain attributes except those named in its meta; name ours there."""
+    key = getattr(torch.fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", None)
+    meta = getattr(qmodel, "meta", None)
+    if isinstance(qmodel, torch.fx.GraphModule) and key and isinstance(meta, dict):
+        keep = meta.setdefault(key, {})
+        keep.update({a: getattr(qmodel, a) for a in attrs if hasattr(qmodel, a)})
+
+
+def warn_left_float(st: QuantState, stacklevel: int = 3) -> None:
+    """Warn (``LeftFloatWarning``) about weighted modules left float that are not float by design."""
+    todo = [l for l in st.left_float if not l.by_design]
+    if not todo:
+        return
+    shown = "; ".join(f"{l.name or '<model>'} ({l.type}, {l.params:,} params): {l.reason}" for l in todo[:8])
+    more = f"; and {len(todo) - 8} more" if len(todo) > 8 else ""
+    total = st.coverage.model if st.coverage is not None else 0
+    warnings.warn(f"{len(todo)} weighted module(s) stay float ({sum(l.params for l in todo):,} of {total:,} params): "
+                  f"{shown}{more}. `mixq inventory` lists every module left float.", LeftFloatWarning,
+                  stacklevel=stacklevel)
+
+
+def _prepare_modules(model: nn.Module, backend: str, custom: dict) -> nn.Module:
     qmodel = copy.deepcopy(model)
     for m in qmodel.modules():
         if isinstance(m, QuantMixin):
             reset_quant_module(m, backend)
-    swap = [(n, m) for n, m in qmodel.named_modules() if type(m) in QUANT_MAP and n]
-    if type(qmodel) in QUANT_MAP:
-        return from_float(qmodel, backend=backend, formats=())
-    for name, m in swap:
+    swap, owned = [], []  # a custom-mapped module is one unit (or float) as a whole, as in FX mode
+    for n, m in qmodel.named_modules():
+        if isinstance(m, QuantMixin) or any(n.startswith(p) for p in owned):
+            continue
+        if type(m) in custom:
+            owned.append(f"{n}." if n else "")
+        if (q := quant_class_for(type(m), custom)) is not None:
+            swap.append((n, m, q))
+    if swap and swap[0][0] == "":
+        return from_float(qmodel, quant_cls=swap[0][2], backend=backend, formats=())
+    for name, m, qcls in swap:
         parent, _, leaf = name.rpartition(".")
-        setattr(qmodel.get_submodule(parent) if parent else qmodel, leaf, from_float(m, backend=backend, formats=()))
+        setattr(qmodel.get_submodule(parent) if parent else qmodel, leaf,
+                from_float(m, quant_cls=qcls, backend=backend, formats=()))
     return qmodel
 
 
@@ -135,48 +200,72 @@ def calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str] = N
     """Collect activation statistics for every prepared format in one pass; return batches seen.
 
     The model runs in float during calibration (statistics of the float network), so each
-    format's ranges are independent of which plan is active later.
+    format's ranges are independent of which plan is active later. Every activation quantizer of
+    every prepared format (followers included) calibrates with ``method``, except FP8 and
+    per-channel ones, which use max by design. Statistics of an earlier calibration are dropped.
+    The method and a hash of the batches are recorded in ``qmodel.mixq`` (``calib_method``,
+    ``calib_digest``); plans switched to later must name the same method.
+
+    Args:
+        qmodel: a model from ``prepare`` / ``quantize``.
+        calib_data: iterable of input batches (Tensor, tuple of positional inputs, or dict of kwargs).
+        method: "max", "entropy", "percentile" or "mse"; None keeps the model's (``qmodel.mixq.calib_method``).
+
+    Returns:
+        The number of batches run.
 
     Raises:
+        ConfigError: an unknown method (checked before any work).
         CalibrationError: the loader yields nothing, or yields NaN/Inf.
     """
     st = _state(qmodel)
+    method = check_calib_method(method or st.calib_method)
     mods = [m for m in qmodel.modules() if isinstance(m, QuantMixin)]
     for m in mods:
-        m.begin_calibration()
-    n = 0
+        m.begin_calibration(method)
+    digest = Hasher()
     try:
         with torch.no_grad():
             for batch in calib_data:
                 call_model(qmodel, batch)
-                n += 1
+                digest.update(batch)
     finally:
         for m in mods:
             m.calibrating = False
-    if n == 0:
+    if digest.batches == 0:
         raise CalibrationError("the calibration loader yielded no batch: pass an iterable of input batches "
                                "(a Tensor, or a tuple of Tensors per batch).")
     for m in mods:
-        m.end_calibration(method or st.calib_method)
+        m.end_calibration()
+    st.calib_method, st.calib_digest, st.calib_batches = method, digest.hexdigest(), digest.batches
     st.calibrated = True
-    return n
+    if st.plan is not None and st.plan.calib_method != method:
+        st.plan = dataclasses.replace(st.plan, calib_method=method)
+    return digest.batches
 
 
-def set_plan(qmodel: nn.Module, plan: QuantPlan | str) -> dict[str, str]:
+def set_plan(qmodel: nn.Module, plan: QuantPlan | str | dict) -> dict[str, str]:
     """Switch a prepared, calibrated model to ``plan`` in place; return the resolved {layer: format}.
 
-    Cheap: only attribute changes, no recalibration.
+    Cheap: only attribute changes, no recalibration. A format name (or a plan dict without
+    ``backend`` / ``calib_method``) takes the model's backend and calibration method.
 
     Raises:
-        PlanError / UnsupportedFormatError: the plan does not fit the model or was not prepared.
+        PlanError: the plan is for another backend or another calibration method than the model's,
+            names a layer the model lacks, or a format that was not prepared.
+        UnsupportedFormatError: a format the backend cannot run where the plan puts it.
     """
     st = _state(qmodel)
-    plan = _as_plan(plan, st.backend)
+    plan = _as_plan(plan, st.backend, st.calib_method)
     if plan.backend != st.backend:
-        from mixq.errors import PlanError
-
         raise PlanError(f"the plan is for backend {plan.backend!r} but the model was quantized for {st.backend!r}; "
                         f"quantize again with backend={plan.backend!r}.")
+    if plan.calib_method != st.calib_method:
+        raise PlanError(
+            f"the plan asks for {plan.calib_method!r} calibration but the model was calibrated with "
+            f"{st.calib_method!r}; recalibrate with mixq.calibrate(qmodel, calib_data, method={plan.calib_method!r}) "
+            f"(or quantize(..., calib_method={plan.calib_method!r})), or use a plan with "
+            f"calib_method={st.calib_method!r}.")
     resolved = plan.resolve(st.kinds)
     owners = units(qmodel)
     for name, fmt in resolved.items():
@@ -220,8 +309,6 @@ def switched(qmodel: nn.Module, formats: dict[str, str]):
     Raises:
         PlanError: a unit the model does not have, or a format not prepared for it.
     """
-    from mixq.errors import PlanError
-
     _state(qmodel)
     owners = units(qmodel)
     missing = [u for u in formats if u not in owners]
@@ -240,18 +327,19 @@ def switched(qmodel: nn.Module, formats: dict[str, str]):
             m.active_format = f
 
 
-def _as_plan(plan: QuantPlan | str | dict, backend: str) -> QuantPlan:
+def _as_plan(plan: QuantPlan | str | dict, backend: str, calib_method: str = "max") -> QuantPlan:
     if isinstance(plan, QuantPlan):
         return plan
     if isinstance(plan, dict):
-        return QuantPlan.from_dict(plan)
-    return QuantPlan.uniform(plan, backend)
+        return QuantPlan.from_dict({"backend": backend, "calib_method": calib_method, **plan})
+    return QuantPlan.uniform(plan, backend, calib_method)
 
 
 def quantize(model: nn.Module, plan_or_format: QuantPlan | str | dict = "int8", backend: Optional[str] = None,
              calib_data: Optional[Iterable] = None, calib_method: Optional[str] = None,
              formats: Sequence[str] = (), mode: str = "auto", concrete_args: Optional[dict] = None,
-             preserved_attributes: Sequence[str] = (), fold_bn: Optional[bool] = None) -> nn.Module:
+             preserved_attributes: Sequence[str] = (), fold_bn: Optional[bool] = None,
+             custom_modules: CustomModules = None) -> nn.Module:
     """Return a calibrated fake-quant copy of ``model`` running ``plan_or_format``.
 
     Args:
@@ -263,6 +351,7 @@ def quantize(model: nn.Module, plan_or_format: QuantPlan | str | dict = "int8", 
         formats: extra formats to prepare so that ``set_plan`` can switch to them later.
         mode: "auto" (FX, falling back to module mode), "fx" or "module".
         concrete_args / preserved_attributes / fold_bn: FX options.
+        custom_modules: ``{float class: quant class or None}`` for a user's own layers (see ``prepare``).
 
     Returns:
         The quantized model; ``model.mixq`` holds its QuantState.
@@ -271,14 +360,17 @@ def quantize(model: nn.Module, plan_or_format: QuantPlan | str | dict = "int8", 
         MixqError subclasses for a bad plan, backend, calibration data or model.
     """
     if isinstance(plan_or_format, str):
-        plan = QuantPlan.uniform(plan_or_format, backend or "ort-cpu", calib_method or "max")
+        plan = QuantPlan.uniform(plan_or_format, backend or "ort-cpu", check_calib_method(calib_method or "max"))
     else:
         plan = _as_plan(plan_or_format, backend or "ort-cpu")
         if backend is not None and get_backend(backend).name != plan.backend:
-            plan = QuantPlan(backend=backend, default=plan.default, layers=plan.layers, calib_method=plan.calib_method)
-    method = calib_method or plan.calib_method
-    qmodel = prepare(model, plan.backend, mode, concrete_args, preserved_attributes, fold_bn)
+            plan = dataclasses.replace(plan, backend=backend)
+    method = check_calib_method(calib_method or plan.calib_method)
+    if plan.calib_method != method:
+        plan = dataclasses.replace(plan, calib_method=method)  # the plan on the model names the method used
+    qmodel = prepare(model, plan.backend, mode, concrete_args, preserved_attributes, fold_bn, custom_modules)
     st = _state(qmodel)
+    warn_left_float(st)
     st.calib_method = method
     plan.validate(st.kinds)
     add_formats(qmodel, [*plan.formats(), *formats], method)

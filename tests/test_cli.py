@@ -13,7 +13,7 @@ SPECS = ["--model", "cli_task:model", "--calib", "cli_task:calib_data", "--eval"
 
 def test_inventory_writes_json(tmp_path, capsys):
     assert main(["inventory", *SPECS, "--run-dir", str(tmp_path)]) == 0
-    layers = json.loads((tmp_path / "inventory.json").read_text())
+    layers = json.loads((tmp_path / "inventory.json").read_text())["units"]
     assert {"stem", "layer1.add", "fc"} <= {l["name"] for l in layers}
     assert "units" in capsys.readouterr().out
 

@@ -62,3 +62,55 @@ def test_bad_json_and_missing_file(tmp_path):
         QuantPlan.load(tmp_path / "absent.json")
     with pytest.raises(PlanError, match="JSON object"):
         QuantPlan.from_json("[1, 2]")
+
+
+def _residual_kinds() -> dict[str, str]:
+    model, _, x = build("residual")
+    return {l.name: l.kind for l in mixq.inventory(model, x)}
+
+
+def test_realisation_says_what_a_plan_runs_and_why_units_fall_back():
+    kinds = _residual_kinds()
+    assert list(kinds.values()).count("conv") == 6 and len(kinds) == 10
+    r = QuantPlan(default="int4_wo").realisation(kinds)
+    assert r.summary() == "int4_wo on 1 of 10 units; 9 stay fp32 because ort-cpu runs int4_wo only on linear"
+    assert r.label == "int4_wo on 1 of 10 units" and not r.complete
+    assert r.counts == {"fp32": 9, "int4_wo": 1}
+    assert set(r.fallback) == set(kinds) - {"fc"}
+    assert r.fallback["layer1.add"] == "ort-cpu cannot run int4_wo on add units"
+
+    r = QuantPlan(default="int8").realisation(kinds)
+    assert (r.summary(), r.label, r.counts, r.fallback) == ("int8 on all 10 units", "all-int8", {"int8": 10}, {})
+
+    r = QuantPlan(default="int4_wo", layers={"stem": "int8", "layer1.add": "fp32"}).realisation(kinds)
+    assert r.summary() == ("int4_wo on 1 of 10 units; fp32 on 1 named in the plan; int8 on 1 named in the plan; "
+                           "7 stay fp32 because ort-cpu runs int4_wo only on linear")
+    assert r.counts == {"fp32": 8, "int8": 1, "int4_wo": 1}
+
+    r = QuantPlan(backend="tensorrt", default="fp8_e4m3").realisation(kinds)
+    assert r.summary() == ("fp8_e4m3 on 9 of 10 units; 1 stays fp32 because tensorrt runs fp8_e4m3 only on "
+                           "conv, conv_transpose, linear, matmul, add")
+    assert r.fallback == {"pool": "tensorrt cannot run fp8_e4m3 on avgpool units"}
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["label"] == "fp8_e4m3 on 9 of 10 units" and d["counts"] == {"fp32": 1, "fp8_e4m3": 9}
+
+
+RUNS = ("no unit of the model can run '{f}' on backend 'ort-cpu' (the model's units: conv (6), add (2), avgpool (1), "
+        "linear (1)); ort-cpu runs: int8 on conv, add, avgpool, linear; int4_wo on linear. Choose one of those "
+        "formats or another backend.")
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp16", "bf16"])
+def test_uniform_format_no_unit_can_run_is_an_error(fmt):
+    model, calib, _ = build("residual")
+    with pytest.raises(UnsupportedFormatError) as err:
+        mixq.quantize(model, fmt, backend="ort-cpu", calib_data=calib)
+    assert str(err.value) == RUNS.format(f=fmt)
+    q = mixq.quantize(model, "int8", calib_data=calib, formats=["int4_wo"])
+    with pytest.raises(UnsupportedFormatError, match="ort-cpu runs: int8 on conv"):
+        mixq.set_plan(q, fmt)
+    assert q.mixq.realisation.label == "all-int8"
+    mixq.set_plan(q, "int4_wo")
+    assert q.mixq.realisation.summary() == "int4_wo on 1 of 10 units; 9 stay fp32 because ort-cpu runs int4_wo only on linear"
+    with pytest.raises(UnsupportedFormatError, match="no unit of the model can run"):
+        QuantPlan(default=fmt, layers={"fc": "int8"}).resolve(_residual_kinds())

@@ -44,7 +44,6 @@ def resolve_plan(graph: FloatGraph, plan: QuantPlan | Mapping | str) -> dict[str
         raise FlavourError(f"the plan is for backend {plan.backend!r} but the float graph was exported for "
                            f"{graph.backend!r}; quantize and export the model with backend={plan.backend!r}.")
     resolved = plan.resolve(graph.kinds)
-    _check_default_runs(plan, graph, resolved)
     for unit, fmt in resolved.items():
         need = _FORMAT_MIN_OPSET.get((graph.backend, fmt))
         if need and graph.opset < need:
@@ -54,21 +53,6 @@ def resolve_plan(graph: FloatGraph, plan: QuantPlan | Mapping | str) -> dict[str
             raise ExportError(f"layer {unit!r} cannot be exported in {fmt}: {graph.unsupported[unit]}. "
                               f"Keep it fp32 in the plan (layers: {{{unit!r}: 'fp32'}}).")
     return resolved
-
-
-def _check_default_runs(plan: QuantPlan, graph: FloatGraph, resolved: dict[str, str]) -> None:
-    """Refuse a plan whose default format runs on none of the units it is the default for: the export
-    would be a float model labelled with that format."""
-    left = [u for u in graph.kinds if u not in plan.layers]
-    if plan.default == "fp32" or not left or any(resolved[u] == plan.default for u in left):
-        return
-    be = get_backend(graph.backend)
-    kinds = sorted({graph.kinds[u] for u in left})
-    runs = "; ".join(f"{k}: {', '.join(be.supported(k))}" for k in kinds)
-    raise UnsupportedFormatError(
-        f"backend {be.name!r} cannot run format {plan.default!r} on any of the {len(left)} unit(s) the plan leaves "
-        f"to its default (kinds {', '.join(kinds)}), so the export would be all float; {be.name} runs {runs}. "
-        f"Choose one of those formats, name the layers in the plan, or use another backend.")
 
 
 def apply_plan(graph: FloatGraph, qmodel: torch.nn.Module, plan: QuantPlan | Mapping | str) -> onnx.ModelProto:

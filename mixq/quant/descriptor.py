@@ -4,9 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
+from mixq.calib_methods import CALIB_METHODS, check_calib_method  # noqa: F401 (re-exported)
 from mixq.errors import ConfigError
-from mixq.formats import CALIB_METHODS, TensorScheme
-
+from mixq.formats import TensorScheme
 
 @dataclass(frozen=True)
 class QuantDescriptor:

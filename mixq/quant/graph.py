@@ -25,6 +25,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from mixq.formats import DEFAULT_BACKEND, get_backend
+from mixq.quant.custom import CustomModules, quant_class_for, wrappable
 from mixq.quant.modules import (QUANT_MAP, QuantAdd, QuantCat, QuantMatMul, QuantMaxPool, QuantMixin, _QuantFunctional,
                                 from_float)
 
@@ -60,9 +61,10 @@ class QuantFollower(_QuantFunctional):
 class ScopeTracer(fx.Tracer):
     """A tracer that records, for every node, the path of the module whose forward created it."""
 
-    def __init__(self) -> None:
+    def __init__(self, custom_modules: CustomModules = None) -> None:
         super().__init__()
         self._scope: list[str] = []
+        self.custom_modules = dict(custom_modules or {})
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         self._scope.append(self.path_of_module(m))
@@ -72,8 +74,11 @@ class ScopeTracer(fx.Tracer):
             self._scope.pop()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        # Quant modules built by quant_modules.initialize() are units already: keep them whole.
-        return isinstance(m, QuantMixin) or super().is_leaf_module(m, module_qualified_name)
+        # Quant modules built by quant_modules.initialize() are units already: keep them whole, and so
+        # are modules that become units (subclasses of supported layers, a user's custom modules).
+        return (isinstance(m, QuantMixin) or type(m) in self.custom_modules
+                or quant_class_for(type(m), self.custom_modules) is not None
+                or super().is_leaf_module(m, module_qualified_name))
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
@@ -82,9 +87,9 @@ class ScopeTracer(fx.Tracer):
 
 
 def trace(model: nn.Module, concrete_args: Optional[dict] = None,
-          preserved_attributes: Sequence[str] = ()) -> fx.GraphModule:
+          preserved_attributes: Sequence[str] = (), custom_modules: CustomModules = None) -> fx.GraphModule:
     """Symbolically trace ``model`` (raises whatever torch.fx raises when it cannot)."""
-    tracer = ScopeTracer()
+    tracer = ScopeTracer(custom_modules)
     graph = tracer.trace(model, concrete_args=concrete_args)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _restore_argument_names(gm, model)
@@ -116,8 +121,10 @@ def fold_batchnorm(gm: fx.GraphModule) -> int:
     """Fold eval-mode BatchNorm into the Conv/Linear that feeds it; return how many were folded.
 
     Only folds when the conv output goes nowhere else, so the graph computes the same function.
+    ``gm.mixq_folded_bn`` records {BatchNorm path: Conv/Linear path} for the fold.
     """
     folded = 0
+    record = gm.__dict__.setdefault("mixq_folded_bn", {})
     for node in list(gm.graph.nodes):
         bn = _module(gm, node)
         if bn is None or not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training:
@@ -126,14 +133,42 @@ def fold_batchnorm(gm: fx.GraphModule) -> int:
         if not isinstance(src, fx.Node) or len(src.users) != 1:
             continue
         conv = _module(gm, src)
-        if conv is None or (type(conv), type(bn)) not in _CONV_BN or conv.training:
+        if conv is None or conv.training or not _foldable(conv, bn):
             continue
         fused = (fuse_linear_bn_eval if isinstance(conv, nn.Linear) else fuse_conv_bn_eval)(conv, bn)
+        if type(conv) not in QUANT_MAP and not _fold_agrees(conv, bn, fused):
+            continue
         _set_module(gm, src.target, fused)
+        record[str(node.target)] = str(src.target)
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         folded += 1
     return folded
+
+
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    if (type(conv), type(bn)) in _CONV_BN:
+        return True
+    # A user's subclass (same-padding conv ...) is folded only when a probe shows its forward applies
+    # weight and bias as the base layer does (a weight-standardizing conv would not).
+    return wrappable(type(conv)) and any(isinstance(conv, c) and type(bn) is b for c, b in _CONV_BN)
+
+
+def _fold_agrees(conv: nn.Module, bn: nn.Module, fused: nn.Module) -> bool:
+    """Does ``fused`` compute ``bn(conv(x))`` on a random probe input?"""
+    if isinstance(conv, nn.Linear):
+        shape = (2, conv.in_features)
+    else:
+        span = max(8, max(k * d for k, d in zip(conv.kernel_size, conv.dilation)) + 2)
+        shape = (2, conv.in_channels) + (span,) * len(conv.kernel_size)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=conv.weight.dtype)
+    try:
+        with torch.no_grad():
+            ref, got = bn(conv(x)), fused(x)
+    except Exception:  # a forward that needs other input shapes: do not fold
+        return False
+    return ref.shape == got.shape and torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()) + 1e-7)
 
 
 def _set_module(gm: nn.Module, path: str, module: nn.Module) -> None:
@@ -172,13 +207,15 @@ class _Namer:
                 return name
 
 
-def insert_quant_modules(gm: fx.GraphModule, backend: str = DEFAULT_BACKEND, fold_bn: bool = True) -> fx.GraphModule:
+def insert_quant_modules(gm: fx.GraphModule, backend: str = DEFAULT_BACKEND, fold_bn: bool = True,
+                         custom_modules: CustomModules = None) -> fx.GraphModule:
     """Rewrite ``gm`` in place so every quantizable unit is a quant module with no formats yet.
 
     Args:
         gm: a traced model (a copy: it is modified).
         backend: whose placement rules to follow.
         fold_bn: fold eval-mode BatchNorm into convolutions first (PTQ).
+        custom_modules: a user's {float class: quant class or None} map (see ``mixq.quant.custom``).
 
     Returns:
         ``gm``, recompiled.
@@ -198,13 +235,14 @@ def insert_quant_modules(gm: fx.GraphModule, backend: str = DEFAULT_BACKEND, fol
             activations.add(node)
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
-            if type(m) in QUANT_MAP or isinstance(m, QuantMixin):
+            qcls = None if isinstance(m, QuantMixin) else quant_class_for(type(m), custom_modules)
+            if qcls is not None or isinstance(m, QuantMixin):
                 activations.add(node)
             if isinstance(m, QuantMixin) and node.target not in swapped:
                 reset_quant_module(m, be.name)
                 swapped.add(node.target)
-            elif type(m) in QUANT_MAP and node.target not in swapped:
-                _set_module(gm, node.target, from_float(m, **kw))
+            elif qcls is not None and node.target not in swapped:
+                _set_module(gm, node.target, from_float(m, quant_cls=qcls, **kw))
                 swapped.add(node.target)
             elif type(m) in MAXPOOL_MODULES and not m.return_indices:
                 pool_kwargs = {a: getattr(m, a) for a in _POOL_ARGS[:-1]}
@@ -298,13 +336,14 @@ def followers(gm: nn.Module) -> list[QuantFollower]:
 
 
 def prepare_fx(model: nn.Module, backend: str = DEFAULT_BACKEND, concrete_args: Optional[dict] = None,
-               preserved_attributes: Sequence[str] = (), fold_bn: Optional[bool] = None) -> fx.GraphModule:
+               preserved_attributes: Sequence[str] = (), fold_bn: Optional[bool] = None,
+               custom_modules: CustomModules = None) -> fx.GraphModule:
     """Trace a deep copy of ``model`` and insert quant modules (no formats prepared yet).
 
     Args:
         fold_bn: fold BatchNorm; default: when the model is in eval mode (PTQ), not in training (QAT).
     """
-    gm = trace(copy.deepcopy(model), concrete_args, preserved_attributes)
+    gm = trace(copy.deepcopy(model), concrete_args, preserved_attributes, custom_modules)
     if fold_bn is None:
         fold_bn = not model.training
-    return insert_quant_modules(gm, backend, fold_bn)
+    return insert_quant_modules(gm, backend, fold_bn, custom_modules)

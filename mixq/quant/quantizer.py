@@ -14,7 +14,7 @@ from torch import nn
 from mixq.errors import CalibrationError
 from mixq.quant import tensor_quant as tq
 from mixq.quant.calibrators import Calibrator, MaxCalibrator, make_calibrator
-from mixq.quant.descriptor import QuantDescriptor
+from mixq.quant.descriptor import QuantDescriptor, check_calib_method
 
 
 class TensorQuantizer(nn.Module):
@@ -63,6 +63,21 @@ class TensorQuantizer(nn.Module):
 
     def disable_calib(self) -> None:
         self._if_calib = False
+
+    def use_calib_method(self, method: str) -> None:
+        """Calibrate with ``method`` from the next statistics on (collected statistics are dropped).
+
+        FP8 and per-channel quantizers always calibrate with max (their scales are per-tensor max
+        or per-channel max by design), so they keep ``"max"``.
+
+        Raises:
+            ConfigError: an unknown method.
+        """
+        method = check_calib_method(method)
+        effective = "max" if (self.desc.fp8 or self.desc.axis is not None) else method
+        if effective != self.desc.calib_method:
+            self.desc = self.desc.replace(calib_method=effective)
+        self._calibrator = None
 
     # ----------------------------------------------------------------- ranges
     @property
