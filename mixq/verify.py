@@ -250,7 +250,7 @@ def verify(qmodel: torch.nn.Module, plan, eval_data: Sequence, metric_fn: Option
         raise MixqError("the evaluation loader yielded no batch: pass a list of (inputs, targets) batches.")
     if graph is None:
         graph = export_float_graph(qmodel, batches[0][0], batch_axis=batch_axis)
-    plan = _as_plan(plan, graph.backend)
+    plan = _as_plan(plan, graph.backend, qmodel.mixq.calib_method)
     resolved = resolve_plan(graph, plan)
     model = apply_plan(graph, qmodel, plan) if onnx_model is None else _load_onnx(onnx_model)
     if graph.backend == "ort-cpu":

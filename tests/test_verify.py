@@ -214,3 +214,10 @@ def test_cli_export_and_verify(monkeypatch, tmp_path, capsys):
     assert "mixq: error:" in capsys.readouterr().err
     assert _cli(monkeypatch, ["export", *specs, "--opset", "9"]) == 2
     assert "opset" in capsys.readouterr().err
+
+
+def test_a_format_name_takes_the_models_calibration_method():
+    model, calib, evald = residual_task()
+    q = mixq.quantize(model, "int8", calib_data=calib, calib_method="percentile")
+    res = verify(q, "int8", evald, top1_metric)
+    assert res.plan["calib_method"] == "percentile" and res.passed

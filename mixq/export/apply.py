@@ -19,14 +19,15 @@ from mixq.formats import get_backend
 from mixq.plan import QuantPlan
 
 
-def _as_plan(plan: QuantPlan | Mapping | str, backend: str) -> QuantPlan:
+def _as_plan(plan: QuantPlan | Mapping | str, backend: str, calib_method: str = "max") -> QuantPlan:
+    """A plan from a QuantPlan, its dict, a plan file, or a format name (for ``backend`` and ``calib_method``)."""
     if isinstance(plan, QuantPlan):
         return plan
     if isinstance(plan, Mapping):
         return QuantPlan.from_dict(plan)
     if isinstance(plan, (str, os.PathLike)) and str(plan).endswith(".json"):
         return QuantPlan.load(plan)
-    return QuantPlan.uniform(str(plan), backend)
+    return QuantPlan.uniform(str(plan), backend, calib_method)
 
 
 def resolve_plan(graph: FloatGraph, plan: QuantPlan | Mapping | str) -> dict[str, str]:
