@@ -5,8 +5,8 @@ Names are imported on first use (PEP 562), so ``import mixq`` and the plain-data
 ``mixq.latency.base`` / ``stats`` / ``model``, ``mixq.sensitivity.table``) import without torch;
 ``mixq.quantize(...)`` imports torch when it is first used.
 
-Two exported functions share their name with the submodule that defines them (``mixq.quantize``,
-``mixq.inventory``). Importing such a submodule makes the import system bind it as an attribute of
+Exported functions that share their name with the submodule that defines them (``mixq.quantize``,
+``mixq.inventory``, ``mixq.evaluate``). Importing such a submodule makes the import system bind it as an attribute of
 the package, which would shadow the function; the package's module type (``_Package``) binds the
 function instead, so ``mixq.quantize(...)`` works whatever was imported before. As before this
 change, the submodules themselves are reached with ``from mixq.quantize import ...`` or
@@ -27,7 +27,10 @@ _WHERE = {
     "LayerInfo": "inventory", "inventory": "inventory",
     "QuantPlan": "plan",
     "add_formats": "quantize", "calibrate": "quantize", "prepare": "quantize", "quantize": "quantize",
-    "set_plan": "quantize",
+    "set_plan": "quantize", "applied": "quantize", "switched": "quantize", "LeftFloatWarning": "quantize",
+    "left_float": "leftfloat",
+    "save_quantized": "checkpoint", "load_quantized": "checkpoint",
+    "evaluate": "evaluate", "evaluate_plan": "evaluate",
 }
 # Exported functions named like the submodule that defines them.
 _SHADOWED = frozenset(name for name, mod in _WHERE.items() if name == mod)

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -121,12 +122,18 @@ def _stage(text: str) -> float:
     return time.perf_counter()
 
 
+def _drop(ev) -> str:
+    """``+0.40 [-0.10, +0.90], within noise`` for a PlanEvaluation."""
+    lo, hi = ev.drop_ci
+    return f"{ev.drop:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (", within noise" if ev.drop_noise else "")
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from mixq.artifacts import write_atomic
     from mixq.plan import QuantPlan
     from mixq.quantize import quantize
-    from mixq.quant.descriptor import CALIB_METHODS
-    from mixq.task import evaluate
+    from mixq.calib_methods import CALIB_METHODS
+    from mixq.evaluate import evaluate, evaluate_plan
 
     task = _task(args)
     d = _run_dir(args, task)
@@ -139,20 +146,26 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise MixqError(f"unknown calibration method(s) {bad}; valid methods are {', '.join(CALIB_METHODS)}.")
     model = task.model_fn()
     calib, evald = task.calib_fn(), task.eval_fn()
-    t0 = _stage(f"{task.name}: evaluating FP32 on the evaluation set ...")
-    fp32, _ = evaluate(model, evald, task.metric_fn)
-    rows = [{"config": "fp32", "calib_method": "-", "metric": fp32, "drop": 0.0}]
-    print(f"{task.name}: FP32 metric {fp32:.2f}", flush=True)
+    t0 = time.perf_counter()
+    ref = rows = None
     for method in methods:
-        _stage(f"{task.name}: calibrating {label} ({plan.backend}, {method}) and evaluating ...")
+        _stage(f"{task.name}: calibrating {label} ({plan.backend}, {method}) ...")
         mplan = QuantPlan.from_dict({**plan.to_dict(), "calib_method": method})
-        q = quantize(model, mplan, calib_data=calib)
-        val, _ = evaluate(q, evald, task.metric_fn)
-        rows.append({"config": label, "calib_method": method, "metric": val, "drop": fp32 - val, "mode": q.mixq.mode})
-        print(f"{task.name}: {label} ({plan.backend}, {method} calibration, {q.mixq.mode} mode) metric {val:.2f} "
-              f"(drop {fp32 - val:+.2f})", flush=True)
+        q = quantize(model, mplan, calib_data=calib)  # a plan that does not fit fails here, before any evaluation
+        if ref is None:
+            _stage(f"{task.name}: evaluating FP32 on the evaluation set ...")
+            ref = evaluate(model, evald, task.metric_fn)
+            rows = [{"config": "fp32", "calib_method": "-", "metric": ref.metric, "drop": 0.0, "samples": ref.samples}]
+            print(f"{task.name}: FP32 metric {ref.metric:.2f} on {ref.samples} samples", flush=True)
+        ev = evaluate_plan(q, q.mixq.plan, evald, task.metric_fn, reference=ref)
+        real = q.mixq.realisation
+        rows.append({"config": label, "calib_method": method, "metric": ev.metric, "drop": ev.drop,
+                     "drop_ci": list(ev.drop_ci), "mode": q.mixq.mode, "realised": real.to_dict()})
+        print(f"{task.name}: {label} ({plan.backend}, {method} calibration, {q.mixq.mode} mode): {real.summary()}\n"
+              f"  metric {ev.metric:.2f} (drop {_drop(ev)})", flush=True)
     plan.save(d / "plan.json")
-    result = {"task": task.name, "backend": plan.backend, "rows": rows, "seconds": time.perf_counter() - t0}
+    result = {"task": task.name, "backend": plan.backend, "rows": rows, "seconds": time.perf_counter() - t0,
+              "left_float": [vars(x) for x in q.mixq.left_float]}
     write_atomic(d / "quantize.json", json.dumps(result, indent=1))
     print(f"wrote {d / 'plan.json'} and {d / 'quantize.json'}")
     return 0
@@ -166,8 +179,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mixq.artifacts import write_atomic
     from mixq.latency.ort import OrtLatency
     from mixq.plan import QuantPlan
+    from mixq.evaluate import evaluate, evaluate_plan
     from mixq.quantize import quantize
-    from mixq.task import evaluate
     from mixq.verify import verify
 
     task = _task(args)
@@ -180,13 +193,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     batch_axis_of(args)
     model = task.model_fn()
     calib, evald = task.calib_fn(), task.eval_fn()
-    t0 = _stage(f"[1/3] {task.name}: FP32 evaluation, calibration ({plan.calib_method}) and {label} evaluation ...")
-    fp32, _ = evaluate(model, evald, task.metric_fn)
-    q = quantize(model, plan, calib_data=calib)
-    sim, _ = evaluate(q, evald, task.metric_fn)
-    print(f"[1/3] {task.name}: FP32 {fp32:.2f} -> {label} ({plan.backend}, {plan.calib_method} calibration, "
-          f"{q.mixq.mode} mode) {sim:.2f} (drop {fp32 - sim:+.2f})", flush=True)
-    summary = {"task": task.name, "plan": plan.to_dict(), "fp32_metric": fp32, "sim_metric": sim}
+    t0 = _stage(f"[1/3] {task.name}: calibration ({plan.calib_method}), FP32 and {label} evaluation ...")
+    q = quantize(model, plan, calib_data=calib)  # a plan that does not fit fails here, before any evaluation
+    ref = evaluate(model, evald, task.metric_fn)
+    ev = evaluate_plan(q, q.mixq.plan, evald, task.metric_fn, reference=ref)
+    real = q.mixq.realisation
+    print(f"[1/3] {task.name}: {label} ({plan.backend}, {plan.calib_method} calibration, {q.mixq.mode} mode): "
+          f"{real.summary()}\n[1/3] {task.name}: FP32 {ref.metric:.2f} -> {ev.metric:.2f} on {ref.samples} samples "
+          f"(drop {_drop(ev)})", flush=True)
+    summary = {"task": task.name, "plan": plan.to_dict(), "realised": real.to_dict(), "fp32_metric": ref.metric,
+               "sim_metric": ev.metric, "drop": ev.drop, "drop_ci": list(ev.drop_ci),
+               "left_float": [vars(x) for x in q.mixq.left_float]}
     passed = True
     if plan.backend == "ort-cpu":
         from mixq.cli_deploy import float_graph_of, write_deployable
@@ -209,7 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ms_fp32, ms_q = lat(QuantPlan(backend=plan.backend, default="fp32")), lat(plan)
         summary["latency_ms"] = {"fp32": ms_fp32, label: ms_q}
         print(f"[3/3] ONNX Runtime CPU latency, batch 1, 1 thread (median of {args.runs}): FP32 {ms_fp32:.2f} ms, "
-              f"{label} {ms_q:.2f} ms ({ms_fp32 / ms_q:.2f}x)", flush=True)
+              f"{real.label} {ms_q:.2f} ms ({ms_fp32 / ms_q:.2f}x)", flush=True)
     else:
         print(f"[2/3] [3/3] not verified or timed: the {plan.backend} engine is not available here; "
               "`mixq export` writes the TensorRT-flavour ONNX.")
@@ -257,8 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """mixq's own warnings as one plain line (no file and line of mixq's code)."""
+    from mixq.quantize import FallbackWarning, LeftFloatWarning
+
+    if issubclass(category, (LeftFloatWarning, FallbackWarning)):
+        return f"mixq: warning: {message}\n"
+    return _PLAIN_FORMAT(message, category, filename, lineno, line)
+
+
+_PLAIN_FORMAT = warnings.formatwarning
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _format_warning
     try:
         return args.func(args)
     except MixqError as e:

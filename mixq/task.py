@@ -15,7 +15,9 @@ from typing import Callable, Optional
 import numpy as np
 from torch import nn
 
-import mixq.evaluate as _ev
+from mixq.evaluate import evaluate as _evaluate
+from mixq.evaluate import run_outputs as _run_outputs
+from mixq.evaluate import score as _score
 from mixq.errors import SpecError, did_you_mean
 
 EXAMPLES = {"mnist_resnet": "experiments.mnist_resnet", "minilm": "experiments.minilm"}
@@ -70,7 +72,7 @@ class Task:
 
 def run_outputs(model: nn.Module, eval_data: list) -> tuple[list, list]:
     """Run every eval batch through ``model``; return (outputs, targets). See ``mixq.evaluate.run_outputs``."""
-    return _ev.run_outputs(model, eval_data)
+    return _run_outputs(model, eval_data)
 
 
 def score(metric_fn: Callable, outputs: list, targets: list) -> np.ndarray:
@@ -79,10 +81,10 @@ def score(metric_fn: Callable, outputs: list, targets: list) -> np.ndarray:
     Raises:
         EvaluationError: a wrong number of scores (counted from the targets), or NaN/Inf.
     """
-    return _ev.score(metric_fn, outputs, targets)
+    return _score(metric_fn, outputs, targets)
 
 
 def evaluate(model: nn.Module, eval_data: list, metric_fn: Callable) -> tuple[float, np.ndarray]:
     """Return (metric mean, per-sample scores) of ``model`` on ``eval_data``. See ``mixq.evaluate.evaluate``."""
-    ev = _ev.evaluate(model, eval_data, metric_fn)
+    ev = _evaluate(model, eval_data, metric_fn)
     return ev.metric, ev.scores

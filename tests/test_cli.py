@@ -127,3 +127,15 @@ def test_export_writes_the_file_to_ship_and_verify_checks_that_very_file(tmp_pat
 def test_bad_deploy_options(argv, message, tmp_path, capsys):
     assert main([*argv, "--run-dir", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_quantize_says_what_was_realised_and_refuses_a_format_no_unit_runs_before_evaluating(tmp_path, capsys):
+    assert main(["quantize", *SPECS, "--run-dir", str(tmp_path), "--format", "int4_wo"]) == 0
+    out = capsys.readouterr().out
+    assert "int4_wo on 1 of 10 units; 9 stay fp32 because ort-cpu runs int4_wo only on linear" in out
+    row = json.loads((tmp_path / "quantize.json").read_text())["rows"][1]
+    assert row["realised"]["counts"] == {"fp32": 9, "int4_wo": 1} and len(row["drop_ci"]) == 2
+    argv = ["run", *SPECS[:-1], "cli_task:exploding_metric", "--run-dir", str(tmp_path), "--format", "fp8_e4m3"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no unit of the model can run 'fp8_e4m3' on backend 'ort-cpu'" in err and "int8 on conv" in err
