@@ -151,13 +151,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     for method in methods:
         _stage(f"{task.name}: calibrating {label} ({plan.backend}, {method}) ...")
         mplan = QuantPlan.from_dict({**plan.to_dict(), "calib_method": method})
-        q = quantize(model, mplan, calib_data=calib)  # a plan that does not fit fails here, before any evaluation
+        q = quantize(model, mplan, calib_data=calib, progress="calibrate")  # a plan that does not fit fails here
         if ref is None:
             _stage(f"{task.name}: evaluating FP32 on the evaluation set ...")
-            ref = evaluate(model, evald, task.metric_fn)
+            ref = evaluate(model, evald, task.metric_fn, progress="evaluate FP32")
             rows = [{"config": "fp32", "calib_method": "-", "metric": ref.metric, "drop": 0.0, "samples": ref.samples}]
             print(f"{task.name}: FP32 metric {ref.metric:.2f} on {ref.samples} samples", flush=True)
-        ev = evaluate_plan(q, q.mixq.plan, evald, task.metric_fn, reference=ref)
+        ev = evaluate_plan(q, q.mixq.plan, evald, task.metric_fn, reference=ref, progress=f"evaluate {label}")
         real = q.mixq.realisation
         rows.append({"config": label, "calib_method": method, "metric": ev.metric, "drop": ev.drop,
                      "drop_ci": list(ev.drop_ci), "mode": q.mixq.mode, "realised": real.to_dict()})
@@ -194,9 +194,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     model = task.model_fn()
     calib, evald = task.calib_fn(), task.eval_fn()
     t0 = _stage(f"[1/3] {task.name}: calibration ({plan.calib_method}), FP32 and {label} evaluation ...")
-    q = quantize(model, plan, calib_data=calib)  # a plan that does not fit fails here, before any evaluation
-    ref = evaluate(model, evald, task.metric_fn)
-    ev = evaluate_plan(q, q.mixq.plan, evald, task.metric_fn, reference=ref)
+    q = quantize(model, plan, calib_data=calib, progress="calibrate")  # a plan that does not fit fails here
+    ref = evaluate(model, evald, task.metric_fn, progress="evaluate FP32")
+    ev = evaluate_plan(q, q.mixq.plan, evald, task.metric_fn, reference=ref, progress=f"evaluate {label}")
     real = q.mixq.realisation
     print(f"[1/3] {task.name}: {label} ({plan.backend}, {plan.calib_method} calibration, {q.mixq.mode} mode): "
           f"{real.summary()}\n[1/3] {task.name}: FP32 {ref.metric:.2f} -> {ev.metric:.2f} on {ref.samples} samples "
@@ -216,7 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = save_onnx(onnx_model, d / f"model-{label}.onnx")
         summary["onnx"] = str(out)
         summary["ship"] = str(write_deployable(onnx_model, out, calib))
-        res = verify(q, plan, evald, task.metric_fn, graph=graph, onnx_model=onnx_model)
+        res = verify(q, plan, evald, task.metric_fn, graph=graph, onnx_model=onnx_model, progress="engine vs simulation")
         summary["verify"] = res.to_dict()
         passed = res.passed
         print(f"[2/3] engine vs simulation: {res.summary()}", flush=True)

@@ -118,7 +118,7 @@ def _quantized(task, plan):
     if not calib:
         raise MixqError("the calibration loader yielded no batch; export needs calibration data.")
     model = task.model_fn()
-    return quantize(model, plan, calib_data=calib, calib_method=plan.calib_method), calib
+    return quantize(model, plan, calib_data=calib, calib_method=plan.calib_method, progress="calibrate"), calib
 
 
 def cmd_export(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable) -> int:
@@ -177,7 +177,8 @@ def cmd_verify(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable
     evald = task.eval_fn()
     print(f"{task.name}: running the evaluation set on ONNX Runtime and the simulation ...", flush=True)
     res = verify(q, plan, evald, task.metric_fn, graph=float_graph_of(q, calib, args), threads=args.threads,
-                 output_kind=args.output_kind, noise_floor=not args.no_noise_floor, onnx_model=args.onnx)
+                 output_kind=args.output_kind, noise_floor=not args.no_noise_floor, onnx_model=args.onnx,
+                 progress="engine vs simulation")
     print(f"{task.name} ({label}): {res.summary()}")
     if res.kernels and res.kernels.get("units_float"):
         print(f"warning: quantized layers that stayed float on ONNX Runtime: {', '.join(res.kernels['units_float'])}")

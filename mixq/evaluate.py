@@ -29,6 +29,7 @@ from torch import nn
 
 from mixq.errors import MixqError
 from mixq.plan import QuantPlan
+from mixq.progress import on_batch as progress_callback
 from mixq.quantize import applied, call_model
 from mixq.stats import check_bootstrap, paired_bootstrap_ci
 
@@ -230,7 +231,8 @@ def score(metric_fn: Callable, outputs: list, targets: list, samples: Optional[i
     return s
 
 
-def evaluate(model: nn.Module, eval_data: Iterable, metric_fn: Callable, keep_outputs: bool = False) -> Evaluation:
+def evaluate(model: nn.Module, eval_data: Iterable, metric_fn: Callable, keep_outputs: bool = False,
+             progress: Optional[str] = None) -> Evaluation:
     """Evaluate ``model`` as it is (its current plan, if it is a mixq model) on ``eval_data``.
 
     Args:
@@ -238,6 +240,7 @@ def evaluate(model: nn.Module, eval_data: Iterable, metric_fn: Callable, keep_ou
         eval_data: (inputs, targets) batches.
         metric_fn: ``metric(outputs, targets) -> per-sample scores`` in percent.
         keep_outputs: keep the model's outputs in the result.
+        progress: label of a progress bar over the batches (shown on a terminal), or None.
 
     Returns:
         An ``Evaluation``.
@@ -248,14 +251,19 @@ def evaluate(model: nn.Module, eval_data: Iterable, metric_fn: Callable, keep_ou
     batches = eval_batches(eval_data)
     n = count_samples([b[1] for b in batches], [b[0] for b in batches], metric_fn)
     t0 = time.perf_counter()
-    outputs, targets = run_outputs(model, batches)
+    step, close = progress_callback(len(batches), progress)
+    try:
+        outputs, targets = run_outputs(model, batches, step)
+    finally:
+        close()
     s = score(metric_fn, outputs, targets, n)
     return Evaluation(float(s.mean()), s, time.perf_counter() - t0, outputs if keep_outputs else None)
 
 
 def evaluate_plan(qmodel: nn.Module, plan: QuantPlan | str | dict, eval_data: Iterable, metric_fn: Callable,
                   reference: Optional[Evaluation] = None, seed: int = 0, *, resamples: int = 1000,
-                  confidence: float = 0.95, keep_outputs: bool = False) -> PlanEvaluation:
+                  confidence: float = 0.95, keep_outputs: bool = False,
+                  progress: Optional[str] = None) -> PlanEvaluation:
     """Evaluate ``plan`` on a calibrated mixq model; the model's previous plan is back afterwards.
 
     Args:
@@ -269,6 +277,7 @@ def evaluate_plan(qmodel: nn.Module, plan: QuantPlan | str | dict, eval_data: It
         resamples: bootstrap resamples (0: the interval is the drop itself).
         confidence: interval coverage.
         keep_outputs: keep the model's outputs in the result.
+        progress: label of a progress bar over the batches (shown on a terminal), or None.
 
     Returns:
         A ``PlanEvaluation``; ``drop`` and ``drop_ci`` are None without a reference.
@@ -282,7 +291,7 @@ def evaluate_plan(qmodel: nn.Module, plan: QuantPlan | str | dict, eval_data: It
     batches = eval_batches(eval_data)
     with applied(qmodel, plan) as resolved:
         ran = qmodel.mixq.plan
-        ev = evaluate(qmodel, batches, metric_fn, keep_outputs)
+        ev = evaluate(qmodel, batches, metric_fn, keep_outputs, progress)
     res = PlanEvaluation(ev.metric, ev.scores, ev.seconds, ev.outputs, plan=ran, resolved=dict(resolved),
                          confidence=confidence, resamples=resamples)
     if reference is not None:

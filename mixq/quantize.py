@@ -21,6 +21,7 @@ from mixq.formats import get_backend, get_format
 from mixq.fingerprint import Hasher, parameters_digest, weights_digest
 from mixq.leftfloat import LeftFloat, ParamCoverage, left_float, param_coverage
 from mixq.plan import QuantPlan, Realisation
+from mixq.progress import batches as progress_batches
 from mixq.quant.descriptor import check_calib_method
 from mixq.quant.graph import followers, prepare_fx, reset_quant_module, units
 from mixq.quant.custom import CustomModules, check_custom_modules, quant_class_for
@@ -196,7 +197,8 @@ def add_formats(qmodel: nn.Module, formats: Iterable[str], calib_method: str = "
     st.formats = tuple(sorted({*st.formats, *(get_format(f).name for f in formats)}))
 
 
-def calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str] = None) -> int:
+def calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str] = None,
+              progress: Optional[str] = None) -> int:
     """Collect activation statistics for every prepared format in one pass; return batches seen.
 
     The model runs in float during calibration (statistics of the float network), so each
@@ -210,6 +212,7 @@ def calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str] = N
         qmodel: a model from ``prepare`` / ``quantize``.
         calib_data: iterable of input batches (Tensor, tuple of positional inputs, or dict of kwargs).
         method: "max", "entropy", "percentile" or "mse"; None keeps the model's (``qmodel.mixq.calib_method``).
+        progress: label of a progress bar over the batches (shown on a terminal), or None.
 
     Returns:
         The number of batches run.
@@ -226,7 +229,7 @@ def calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str] = N
     digest = Hasher()
     try:
         with torch.no_grad():
-            for batch in calib_data:
+            for batch in progress_batches(calib_data, progress):
                 call_model(qmodel, batch)
                 digest.update(batch)
     finally:
@@ -339,7 +342,7 @@ def quantize(model: nn.Module, plan_or_format: QuantPlan | str | dict = "int8", 
              calib_data: Optional[Iterable] = None, calib_method: Optional[str] = None,
              formats: Sequence[str] = (), mode: str = "auto", concrete_args: Optional[dict] = None,
              preserved_attributes: Sequence[str] = (), fold_bn: Optional[bool] = None,
-             custom_modules: CustomModules = None) -> nn.Module:
+             custom_modules: CustomModules = None, progress: Optional[str] = None) -> nn.Module:
     """Return a calibrated fake-quant copy of ``model`` running ``plan_or_format``.
 
     Args:
@@ -352,6 +355,7 @@ def quantize(model: nn.Module, plan_or_format: QuantPlan | str | dict = "int8", 
         mode: "auto" (FX, falling back to module mode), "fx" or "module".
         concrete_args / preserved_attributes / fold_bn: FX options.
         custom_modules: ``{float class: quant class or None}`` for a user's own layers (see ``prepare``).
+        progress: label of a progress bar over the calibration batches (shown on a terminal), or None.
 
     Returns:
         The quantized model; ``model.mixq`` holds its QuantState.
@@ -379,7 +383,7 @@ def quantize(model: nn.Module, plan_or_format: QuantPlan | str | dict = "int8", 
         raise CalibrationError(f"calib_data is required to calibrate activations for {', '.join(st.formats)}: "
                                "pass an iterable of input batches.")
     if calib_data is not None:
-        calibrate(qmodel, calib_data, method)
+        calibrate(qmodel, calib_data, method, progress)
     else:
         for m in qmodel.modules():
             if isinstance(m, QuantMixin):

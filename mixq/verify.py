@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from mixq.errors import MixqError
-from mixq.quantize import call_model, set_plan
+from mixq.progress import batches as progress_batches
+from mixq.quantize import applied, call_model
 
 TARGET_AGREEMENT = 0.995
 TARGET_METRIC_DIFF = 0.2  # points of the metric (percent)
@@ -213,7 +214,7 @@ def _double_inputs(batch: Any) -> Any:
 def verify(qmodel: torch.nn.Module, plan, eval_data: Sequence, metric_fn: Optional[Callable] = None,
            graph=None, threads: int = 1, output_kind: str = "auto", noise_floor: bool = False,
            kernels: bool = True, targets: Optional[dict] = None, onnx_model: Any = None,
-           batch_axis: Optional[int] = 0) -> VerifyResult:
+           batch_axis: Optional[int] = 0, progress: Optional[str] = None) -> VerifyResult:
     """Run ``eval_data`` through the ONNX Runtime engine and the simulation; compare.
 
     Args:
@@ -233,6 +234,7 @@ def verify(qmodel: torch.nn.Module, plan, eval_data: Sequence, metric_fn: Option
             file ``export`` wrote; default: ``apply_plan(graph, qmodel, plan)``. The plan still names
             what the simulation runs.
         batch_axis: the inputs' batch axis when the graph is exported here (see ``export_float_graph``).
+        progress: label of a progress bar over the batches (shown on a terminal), or None.
 
     Returns:
         The VerifyResult; ``passed`` says whether the targets were met.
@@ -259,21 +261,15 @@ def verify(qmodel: torch.nn.Module, plan, eval_data: Sequence, metric_fn: Option
         # TensorRT flavour on the CPU: Q/DQ run as written. Above "basic", ORT 1.31 drops a ReLU in
         # front of an FP8 QuantizeLinear (ReluQuantFusion treats zero point 0 as clipping), so stay there.
         engine = build(model, threads, level="basic", qdq_fusion=False)
-    st = qmodel.mixq
-    previous = st.plan
-    try:
-        set_plan(qmodel, plan)
-        plan_obj = st.plan
+    with applied(qmodel, plan):
+        plan_obj = qmodel.mixq.plan
         sim, eng, tgts = [], [], []
         with torch.no_grad():
-            for inputs, target in batches:
+            for inputs, target in progress_batches(batches, progress):
                 sim.append(_first_output(call_model(qmodel, inputs)))
                 eng.append(_first_output(engine.run(inputs)[0]))
                 tgts.append(target)
         floor_out = _float64_outputs(qmodel, batches) if noise_floor else None
-    finally:
-        if previous is not None:
-            set_plan(qmodel, previous)
     kind = infer_output_kind(sim) if output_kind == "auto" else output_kind
     step = _graph_output_step(model)
     res = VerifyResult(plan=plan_obj.to_dict(), resolved=resolved, backend=graph.backend, output_kind=kind,
