@@ -26,11 +26,13 @@ it on (pinned to AVX2) and says so.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import os
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -89,12 +91,13 @@ def train_in_child(module: str, path: Path, timeout_s: float = 3600.0) -> float:
     """Train an example in a fresh interpreter with ``PINNED_ENV`` and wait for its weights.
 
     The child runs ``python -m <module> --train <path>``; the module's ``__main__`` trains
-    under ``deterministic`` and saves the state_dict atomically to ``path``.
+    under ``deterministic`` and saves the state_dict atomically to ``path``. Its output
+    (progress lines) is passed on to this process's stderr as it comes.
 
     Args:
         module: Dotted name of the example module (``experiments.mnist_resnet``).
         path: Where the child writes the weights.
-        timeout_s: Give up after this many seconds.
+        timeout_s: Give up (and stop the child) after this many seconds.
 
     Returns:
         The wall-clock seconds the child took.
@@ -106,18 +109,27 @@ def train_in_child(module: str, path: Path, timeout_s: float = 3600.0) -> float:
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, **PINNED_ENV)
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    env["PYTHONUNBUFFERED"] = "1"
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", module, "--train", str(path)],
-            env=env, cwd=root, capture_output=True, text=True, timeout=timeout_s,
-        )
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"training {module} took over {timeout_s:.0f} s; gave up") from None
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    with subprocess.Popen(
+        [sys.executable, "-m", module, "--train", str(path)],
+        env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    ) as proc:
+        timer = threading.Timer(timeout_s, proc.kill)
+        timer.start()
+        try:
+            for line in proc.stdout or ():
+                tail.append(line)
+                print(f"  [{module.rsplit('.', 1)[-1]}] {line}", end="", file=sys.stderr, flush=True)
+            returncode = proc.wait()
+        finally:
+            timer.cancel()
     seconds = time.perf_counter() - t0
-    if proc.returncode != 0 or not path.exists():
-        tail = (proc.stdout + proc.stderr)[-2000:]
-        raise RuntimeError(f"training {module} failed (exit {proc.returncode}); its output ends:\n{tail}")
+    if seconds >= timeout_s:
+        raise RuntimeError(f"training {module} took over {timeout_s:.0f} s; stopped it")
+    if returncode != 0 or not path.exists():
+        raise RuntimeError(f"training {module} failed (exit {returncode}); its output ends:\n{''.join(tail)}")
     return seconds
 
 

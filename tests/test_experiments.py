@@ -88,6 +88,23 @@ def test_minilm_data_is_disjoint() -> None:
     assert not evaluated & set(calib)
 
 
+# pydoc_data.topics ships with the interpreter, so the pairs are pinned for the version that made the figures.
+MINILM_DATA_SHA256 = {"3.11.7": "0520ce9c19b1c73e3abe21589682c5025cdf6f5b67a662b990be65517466ac46"}
+
+
+def test_minilm_data_are_pinned() -> None:
+    import hashlib
+    import json
+    import platform
+
+    version = platform.python_version()
+    if version not in MINILM_DATA_SHA256:
+        pytest.skip(f"MiniLM pairs are pinned for Python {', '.join(MINILM_DATA_SHA256)}, not {version}")
+    pairs, calib = minilm._pairs(), minilm._calib_texts()
+    assert len(pairs) == 473
+    assert hashlib.sha256(json.dumps([pairs, calib]).encode()).hexdigest() == MINILM_DATA_SHA256[version]
+
+
 def test_minilm_calib_and_eval_shapes() -> None:
     batches = minilm.calib_data()
     assert len(batches) == 8
@@ -239,6 +256,7 @@ def test_mnist_weights_and_fp32_accuracy_are_pinned() -> None:
 
 def test_deterministic_sets_and_restores_settings() -> None:
     threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the caller's count, which training must hand back
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
@@ -250,7 +268,8 @@ def test_deterministic_sets_and_restores_settings() -> None:
     with deterministic(seed=7, threads=1, onednn=True):
         assert torch.backends.mkldnn.enabled
         assert torch.equal(torch.rand(3), inside)  # seeded: the same draw each time
-    assert torch.get_num_threads() == threads
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(threads)
     assert not torch.are_deterministic_algorithms_enabled()
     assert torch.backends.mkldnn.enabled
     assert torch.equal(torch.rand(3), expected_next)  # the caller's RNG stream is untouched
