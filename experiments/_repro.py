@@ -30,6 +30,7 @@ import collections
 import contextlib
 import hashlib
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -131,6 +132,24 @@ def train_in_child(module: str, path: Path, timeout_s: float = 3600.0) -> float:
     if returncode != 0 or not path.exists():
         raise RuntimeError(f"training {module} failed (exit {returncode}); its output ends:\n{''.join(tail)}")
     return seconds
+
+
+def pinned_kernels_available() -> bool:
+    """Return whether this CPU runs the kernels ``PINNED_ENV`` pins (x86-64 with AVX2).
+
+    Elsewhere (ARM, old x86) training is still repeatable on the machine, but its weights
+    differ from the checksums the tests pin.
+
+    Returns:
+        True on x86-64 Linux when ``/proc/cpuinfo`` lists ``avx2``.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return " avx2" in fh.read()
+    except OSError:
+        return False
 
 
 def state_sha256(state: Mapping[str, torch.Tensor]) -> str:

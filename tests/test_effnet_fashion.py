@@ -1,7 +1,8 @@
 """Tests of the EfficientNet-Lite0 / Fashion-MNIST example (``experiments/effnet_fashion.py``).
 
 They need the Debian package ``dataset-fashion-mnist`` (scripts/setup.sh installs it) and
-skip cleanly without it; the fine-tuning test is slow (a few minutes on first use).
+skip cleanly without it; the pinned-weights test is slow (it fine-tunes on first use, about
+6 minutes of one core, then reads the cache).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from experiments import effnet_fashion as ef
-from experiments._repro import state_sha256
+from experiments._repro import pinned_kernels_available, state_sha256
 
 try:
     ef.data_dir()
@@ -24,8 +25,8 @@ except ef.DatasetMissingError:
 needs_data = pytest.mark.skipif(not HAVE_DATA, reason="dataset-fashion-mnist is not installed (scripts/setup.sh)")
 
 # What the recipe gives here (x86-64, AVX2 kernels pinned; see experiments/_repro.py).
-WEIGHTS_SHA256 = "TBD"
-SEARCH_CORRECT = -1  # of 2,000
+WEIGHTS_SHA256 = "8a5ef9a229260a3f0247981e81ae85a62d903cfe5ddfaf68ec267dc9cc9ead47"
+SLICE_CORRECT = 272  # of the first 300 search images (the full splits are for bench scripts, not tests)
 
 
 def _rows(x: torch.Tensor) -> set[bytes]:
@@ -118,11 +119,13 @@ def test_metric_is_per_sample_percent() -> None:
 @needs_data
 @pytest.mark.slow
 def test_finetuned_weights_and_search_accuracy_are_pinned() -> None:
+    if not pinned_kernels_available():
+        pytest.skip("the pinned weights are those of x86-64 CPUs with AVX2; this CPU has other kernels")
     net = ef.model()
     assert not net.training
     assert state_sha256(net.state_dict()) == WEIGHTS_SHA256
-    batches = ef.search_data()
+    batches = ef.search_data()[:3]
     with torch.no_grad():
         scores = ef.metric([net(x) for x, _ in batches], [y for _, y in batches])
-    assert scores.shape == (2000,)
-    assert int(round(scores.sum() / 100.0)) == SEARCH_CORRECT
+    assert scores.shape == (300,)
+    assert int(round(scores.sum() / 100.0)) == SLICE_CORRECT

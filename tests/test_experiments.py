@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from experiments import minilm, mnist_resnet, resnet18
-from experiments._repro import deterministic, state_sha256, train_in_child
+from experiments._repro import deterministic, pinned_kernels_available, state_sha256, train_in_child
 
 
 def _rows(x: torch.Tensor) -> set[bytes]:
@@ -229,21 +229,9 @@ MNIST_WEIGHTS_SHA256 = "81d31bf179b49ee6bca75085ba4e4e5b6464e87f0325533765137f49
 MNIST_FP32_CORRECT = 982  # of 1,000 held-out digits: 98.2%
 
 
-def _has_avx2() -> bool:
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return " avx2" in fh.read()
-    except OSError:
-        return False
-
-
 @pytest.mark.slow
 def test_mnist_weights_and_fp32_accuracy_are_pinned() -> None:
-    if not _has_avx2():
+    if not pinned_kernels_available():
         pytest.skip("the pinned weights are those of x86-64 CPUs with AVX2; this CPU has other kernels")
     net = mnist_resnet.model()
     with torch.no_grad():
