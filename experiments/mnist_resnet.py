@@ -11,7 +11,7 @@ Model: conv stem, three stages of BasicBlocks (16, 32, 64 channels; stages 2 and
 downsample with a 1x1 conv shortcut), global average pooling, Linear head.
 It is trained once per machine, deterministically (see ``_repro``: a child process
 with pinned CPU kernels, seeded init and data order, one thread, deterministic
-algorithms, no oneDNN; about 2 minutes), so every x86-64 machine with AVX2 gets the
+algorithms, no oneDNN; 2-3 minutes), so every x86-64 machine with AVX2 gets the
 same weights (``WEIGHTS_SHA256``) and the same figures; the state_dict is cached
 outside the repository (see ``_cache``) under a hash of the recipe.
 
@@ -172,7 +172,7 @@ def model() -> nn.Module:
     """
     path = weights_path()
     if not path.exists():
-        print(f"mnist_resnet: training once on this machine (about 2 minutes) -> {path}", flush=True)
+        print(f"mnist_resnet: training once on this machine (2-3 minutes) -> {path}", flush=True)
         seconds = train_in_child(__name__, path)
         print(f"mnist_resnet: trained in {seconds:.1f} s", flush=True)
     with torch.random.fork_rng(devices=[]):  # the init is overwritten; leave the caller's RNG alone

@@ -1,6 +1,6 @@
 """Tests of the example models and data in ``experiments/``.
 
-The MNIST test trains the model on first use (~2 minutes, one thread, in a child
+The MNIST tests train the model on first use (2-3 minutes, one thread, in a child
 process) and then reads the cache; the MiniLM tests load the real pretrained weights. Both are marked slow.
 """
 
