@@ -1,8 +1,8 @@
 """Real example models and data for mixq.
 
 Each example module (``mnist_resnet``, ``minilm``, ``minilm_bible``, ``effnet_fashion``,
-``resnet18``) exposes the same
-small interface so that it can be named on the command line as ``module:function``:
+``resnet18``) exposes the same small interface so that it can be named on the command
+line as ``module:function``:
 
 - ``model() -> torch.nn.Module``: float model in eval mode with real weights.
 - ``calib_data(num_batches=...) -> list``: input batches (a Tensor or a tuple of
