@@ -9,8 +9,11 @@ mean/std (0.1307, 0.3081).
 
 Model: conv stem, three stages of BasicBlocks (16, 32, 64 channels; stages 2 and 3
 downsample with a 1x1 conv shortcut), global average pooling, Linear head.
-It is trained once on CPU (seeded, 8 epochs, one thread, about a minute) and the
-state_dict is cached outside the repository (see ``_cache``).
+It is trained once per machine, deterministically (see ``_repro``: a child process
+with pinned CPU kernels, seeded init and data order, one thread, deterministic
+algorithms, no oneDNN; 2-3 minutes), so every x86-64 machine with AVX2 gets the
+same weights (``WEIGHTS_SHA256``) and the same figures; the state_dict is cached
+outside the repository (see ``_cache``) under a hash of the recipe.
 
 Metric: per-sample top-1 accuracy in percent (100.0 if argmax equals the label,
 else 0.0); its mean is the accuracy.
@@ -18,9 +21,9 @@ else 0.0); its mean is the accuracy.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import inspect
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments._cache import cache_dir, recipe_hash, save_atomic
+from experiments._repro import PINNED_ENV, deterministic, state_sha256, train_in_child
 
 NUM_TRAIN = 4000
 NUM_TEST = 1000
@@ -45,9 +49,8 @@ HPARAMS = {
     "lr": 3e-3,
     "weight_decay": 5e-4,
     "max_shift": 2,
-    # One thread: ~60 s on an idle machine versus ~35 s with two, but when other jobs share the
-    # two cores, two OpenMP threads thrash (measured 4x slower than one, 430 s for the run).
-    # The thread count also changes float rounding, so it belongs in the recipe hash.
+    # One thread: the thread count changes float rounding (and two OpenMP threads thrash when
+    # other jobs share two cores: measured 4x slower than one), so it belongs in the recipe hash.
     "threads": 1,
 }
 
@@ -126,16 +129,16 @@ def _shifted(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Ten
 def _train(hp: dict) -> dict[str, torch.Tensor]:
     """Train a fresh model with hyperparameters ``hp`` and return its state_dict."""
     x_train, y_train, _, _ = _split()
-    torch.manual_seed(hp["seed"])
-    gen = torch.Generator().manual_seed(hp["seed"])
-    net = MnistResNet(hp["widths"])
+    gen = torch.Generator().manual_seed(hp["seed"])  # data order and shifts, apart from the init RNG
+    net = MnistResNet(hp["widths"])  # initialised from the global RNG that ``deterministic`` seeded
     opt = torch.optim.AdamW(net.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
     steps_per_epoch = -(-len(x_train) // hp["batch_size"])
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=hp["lr"], total_steps=hp["epochs"] * steps_per_epoch
     )
     net.train()
-    for _ in range(hp["epochs"]):
+    for epoch in range(hp["epochs"]):
+        print(f"epoch {epoch + 1}/{hp['epochs']}", flush=True)
         perm = torch.randperm(len(x_train), generator=gen)
         for i in range(0, len(x_train), hp["batch_size"]):
             idx = perm[i : i + hp["batch_size"]]
@@ -154,8 +157,8 @@ def weights_path() -> Path:
     Returns:
         A ``pathlib.Path`` under ``$MIXQ_CACHE`` (default ``~/.cache/mixq``); the file may not exist yet.
     """
-    src = [inspect.getsource(obj) for obj in (BasicBlock, MnistResNet, _split, _shifted, _train)]
-    return cache_dir() / f"mnist_resnet-{recipe_hash(HPARAMS, src)}.pt"
+    src = [inspect.getsource(obj) for obj in (BasicBlock, MnistResNet, _split, _shifted, _train, deterministic, _main)]
+    return cache_dir() / f"mnist_resnet-{recipe_hash(HPARAMS, PINNED_ENV, torch.__version__, src)}.pt"
 
 
 def model() -> nn.Module:
@@ -163,19 +166,17 @@ def model() -> nn.Module:
 
     Returns:
         A fresh ``MnistResNet`` (safe to modify in place) with the cached trained weights.
+
+    Raises:
+        RuntimeError: If training (in a child process) fails.
     """
     path = weights_path()
     if not path.exists():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(HPARAMS["threads"])
-        try:
-            t0 = time.perf_counter()
-            state = _train(HPARAMS)
-            print(f"mnist_resnet: trained in {time.perf_counter() - t0:.1f} s -> {path}")
-        finally:
-            torch.set_num_threads(threads)
-        save_atomic(state, path)
-    net = MnistResNet(HPARAMS["widths"])
+        print(f"mnist_resnet: training once on this machine (2-3 minutes) -> {path}", flush=True)
+        seconds = train_in_child(__name__, path)
+        print(f"mnist_resnet: trained in {seconds:.1f} s", flush=True)
+    with torch.random.fork_rng(devices=[]):  # the init is overwritten; leave the caller's RNG alone
+        net = MnistResNet(HPARAMS["widths"])
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return net.eval()
 
@@ -248,3 +249,18 @@ def evaluate(model: nn.Module) -> float:
     with torch.no_grad():
         outputs = [model(x) for x, _ in batches]
     return float(metric(outputs, [y for _, y in batches]).mean())
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    """Train with ``HPARAMS`` under ``deterministic`` and save to ``--train PATH`` (run by ``train_in_child``)."""
+    parser = argparse.ArgumentParser(description="Train the MNIST ResNet deterministically.")
+    parser.add_argument("--train", type=Path, required=True, help="where to save the state_dict")
+    args = parser.parse_args(argv)
+    with deterministic(HPARAMS["seed"], HPARAMS["threads"]):
+        state = _train(HPARAMS)
+    save_atomic(state, args.train)
+    print(f"sha256 {state_sha256(state)}")
+
+
+if __name__ == "__main__":
+    _main()

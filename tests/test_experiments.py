@@ -1,7 +1,7 @@
 """Tests of the example models and data in ``experiments/``.
 
-The MNIST test trains the model on first use (~35 s on two cores) and then reads the
-cache; the MiniLM tests load the real pretrained weights. Both are marked slow.
+The MNIST tests train the model on first use (2-3 minutes, one thread, in a child
+process) and then reads the cache; the MiniLM tests load the real pretrained weights. Both are marked slow.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from experiments import minilm, mnist_resnet, resnet18
+from experiments._repro import deterministic, pinned_kernels_available, state_sha256, train_in_child
 
 
 def _rows(x: torch.Tensor) -> set[bytes]:
@@ -85,6 +86,23 @@ def test_minilm_data_is_disjoint() -> None:
     calib = minilm._calib_texts()
     assert len(calib) >= 8 * 32
     assert not evaluated & set(calib)
+
+
+# pydoc_data.topics ships with the interpreter, so the pairs are pinned for the version that made the figures.
+MINILM_DATA_SHA256 = {"3.11.7": "0520ce9c19b1c73e3abe21589682c5025cdf6f5b67a662b990be65517466ac46"}
+
+
+def test_minilm_data_are_pinned() -> None:
+    import hashlib
+    import json
+    import platform
+
+    version = platform.python_version()
+    if version not in MINILM_DATA_SHA256:
+        pytest.skip(f"MiniLM pairs are pinned for Python {', '.join(MINILM_DATA_SHA256)}, not {version}")
+    pairs, calib = minilm._pairs(), minilm._calib_texts()
+    assert len(pairs) == 473
+    assert hashlib.sha256(json.dumps([pairs, calib]).encode()).hexdigest() == MINILM_DATA_SHA256[version]
 
 
 def test_minilm_calib_and_eval_shapes() -> None:
@@ -202,3 +220,68 @@ def test_resnet18_fx_trace_matches() -> None:
     traced = torch.fx.symbolic_trace(net)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), net(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- deterministic training (_repro)
+
+# What the MNIST recipe gives on every x86-64 CPU with AVX2 (see experiments/_repro.py).
+MNIST_WEIGHTS_SHA256 = "81d31bf179b49ee6bca75085ba4e4e5b6464e87f0325533765137f499be1de35"
+MNIST_FP32_CORRECT = 982  # of 1,000 held-out digits: 98.2%
+
+
+@pytest.mark.slow
+def test_mnist_weights_and_fp32_accuracy_are_pinned() -> None:
+    if not pinned_kernels_available():
+        pytest.skip("the pinned weights are those of x86-64 CPUs with AVX2; this CPU has other kernels")
+    net = mnist_resnet.model()
+    with torch.no_grad():
+        scores = mnist_resnet.metric(
+            [net(x) for x, _ in mnist_resnet.eval_data()], [y for _, y in mnist_resnet.eval_data()]
+        )
+    assert state_sha256(net.state_dict()) == MNIST_WEIGHTS_SHA256
+    assert int(round(scores.sum() / 100.0)) == MNIST_FP32_CORRECT
+
+
+def test_deterministic_sets_and_restores_settings() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the caller's count, which training must hand back
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    with deterministic(seed=7, threads=1):
+        assert torch.get_num_threads() == 1
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.mkldnn.enabled
+        inside = torch.rand(3)
+    with deterministic(seed=7, threads=1, onednn=True):
+        assert torch.backends.mkldnn.enabled
+        assert torch.equal(torch.rand(3), inside)  # seeded: the same draw each time
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(threads)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.mkldnn.enabled
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's RNG stream is untouched
+
+
+def test_state_sha256_is_canonical_and_sensitive() -> None:
+    state = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.tensor([1, 2], dtype=torch.int64)}
+    digest = state_sha256(state)
+    assert len(digest) == 64
+    assert state_sha256(dict(reversed(list(state.items())))) == digest  # insertion order does not matter
+    changed = {"b": state["b"].clone(), "a": state["a"]}
+    changed["b"][1, 2] = torch.nextafter(changed["b"][1, 2], torch.tensor(100.0))  # one ulp
+    variants = [
+        changed,
+        {"b": state["b"].reshape(3, 2), "a": state["a"]},
+        {"b": state["b"].double(), "a": state["a"]},
+        {"c": state["b"], "a": state["a"]},
+        {"b": state["b"].t().contiguous().t(), "a": state["a"]},  # same values, other strides: equal
+    ]
+    got = [state_sha256(v) for v in variants]
+    assert digest not in got[:4] and len(set(got[:4])) == 4
+    assert got[4] == digest
+
+
+def test_train_in_child_reports_a_failing_child(tmp_path) -> None:
+    with pytest.raises(RuntimeError, match="No module named"):
+        train_in_child("experiments.no_such_example", tmp_path / "w.pt")
