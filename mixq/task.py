@@ -20,7 +20,8 @@ from mixq.evaluate import run_outputs as _run_outputs
 from mixq.evaluate import score as _score
 from mixq.errors import SpecError, did_you_mean
 
-EXAMPLES = {"mnist_resnet": "experiments.mnist_resnet", "minilm": "experiments.minilm"}
+EXAMPLES = {"mnist_resnet": "experiments.mnist_resnet", "minilm": "experiments.minilm",
+            "effnet_fashion": "experiments.effnet_fashion", "minilm_bible": "experiments.minilm_bible"}
 DEFAULT_EXAMPLE = "mnist_resnet"
 
 
