@@ -11,6 +11,7 @@ import torch
 
 from mixq.artifacts import write_atomic
 from mixq.export.errors import ExportError, FlavourError, OpsetError
+from mixq.export.pad import pad_before_dequantize
 from mixq.export.float_graph import FloatGraph, _model_inputs, export_float_graph
 from mixq.export.opset import DEFAULT_OPSET, _FORMAT_MIN_OPSET
 from mixq.export.rewrite import _Rewriter
@@ -79,7 +80,9 @@ def apply_plan(graph: FloatGraph, qmodel: torch.nn.Module, plan: QuantPlan | Map
     if stale:
         raise ExportError(f"the model's weights changed since the float graph was exported ({stale[0]!r} and "
                           f"{len(stale) - 1} more); export the float graph again (export_float_graph).")
-    return _Rewriter(graph, mods, resolved).run()
+    model = _Rewriter(graph, mods, resolved).run()
+    pad_before_dequantize(model)
+    return model
 
 
 def export(qmodel: torch.nn.Module, plan: QuantPlan | Mapping | str, example_inputs: Any = None,

@@ -66,10 +66,14 @@ def _collect(model: onnx.ModelProto, backend: str, opset: int, kinds: dict, mods
 
 def _main_first(g: onnx.GraphProto, sites: list[Site], unit: str, body: list[int]) -> list[int]:
     """The unit's body with its main node first: the first node reading its first input mark (the Conv,
-    Gemm, Add ... itself, not a Shape a recurrent cell computes from its input)."""
+    Gemm, Add ... itself, not a Shape a recurrent cell computes from its input); for a layer that pads its
+    own input, the node reading that Pad's output."""
     firsts = [s.dst for s in sites if s.unit == unit and s.module == unit and s.role == "input0"]
     main = next((i for i in body if firsts and firsts[0] in g.node[i].input
                  and g.node[i].op_type not in ("Shape", "Size")), None)
+    if main is not None and g.node[main].op_type == "Pad":
+        padded = g.node[main].output[0]
+        main = next((i for i in body if padded in g.node[i].input), main)
     return body if main is None else [main] + [i for i in body if i != main]
 
 

@@ -16,6 +16,7 @@ from mixq.errors import PlanError
 from mixq.export.errors import ExportError
 from mixq.export.collect import _consumers
 from mixq.export.float_graph import _MARK_DOMAIN, FloatGraph, Site, _cached_weight
+from mixq.export.pad import is_zero_pad
 from mixq.export.qparams import (_FLOAT_TYPES, _TYPE_NAME, _activation_qparams, _QParams, _quantize_bias,
                                  _to_float_type, _WeightQ)
 from mixq.formats import get_format
@@ -267,9 +268,21 @@ class _Rewriter:
         self.nodes.append(node)
         self.emit_qdq(inner, out, qp)
 
+    def through_zero_pad(self, x: str) -> str:
+        """The input of the zero-padding Pad that produced ``x`` (a layer that pads itself), else ``x``.
+
+        Padding with zeros keeps the grid of a dequantized tensor (``mixq.export.pad`` moves such Pads onto the
+        integer codes), so the padded tensor has its input's scale.
+        """
+        pad = next((n for n in reversed(self.nodes) if x in n.output), None)
+        if pad is None or not is_zero_pad(pad, self.template_inits, {o: n for n in self.nodes for o in n.output}):
+            return x
+        return pad.input[0]
+
     def quantize_bias(self, node: onnx.NodeProto) -> None:
         """int32 bias with scale s_x * s_w, as ORT's QDQ Conv / Gemm fusions expect."""
         x, w, b = node.input[0], node.input[1], node.input[2]
+        x = self.through_zero_pad(x)
         if x not in self.act_scale or w not in self.wq_of or self.wq_of[w].block_size is not None:
             return
         if self.wq_of[w].codes.dtype != np.int8:
