@@ -153,6 +153,10 @@ def cmd_export(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable
         info["kernels"] = kc.to_dict()
         print(f"ONNX Runtime CPU: {kc.summary()}")
         info["ship"] = str(write_deployable(model, out, calib))
+        unknown = info["kernels"].get("units_unknown") or []
+        if unknown:
+            print(f"mixq: warning: {len(unknown)} quantized unit(s) not found in ONNX Runtime's optimized graph "
+                  f"(renamed by a fusion?): {', '.join(unknown[:8])}", file=sys.stderr)
         stayed = info["kernels"].get("units_float") or []
         if stayed:
             write_atomic(d / "export.json", json.dumps(info, indent=1))
