@@ -243,7 +243,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # Later stages register their own subcommands: register(subparsers, add_task_args, task_of, run_dir_of).
-_STAGE_COMMANDS: tuple[str, ...] = ("mixq.cli_scan", "mixq.cli_deploy", "mixq.cli_bench")
+_STAGE_COMMANDS: tuple[str, ...] = ("mixq.cli_scan", "mixq.cli_deploy", "mixq.cli_bench", "mixq.cli_search")
 
 
 def build_parser() -> argparse.ArgumentParser:

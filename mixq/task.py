@@ -54,6 +54,7 @@ class Task:
     calib_fn: Callable[[], list]
     eval_fn: Callable[[], list]
     metric_fn: Callable[[list, list], np.ndarray]
+    search_fn: Optional[Callable[[], list]] = None  # the search split, when the task has one
 
     @classmethod
     def example(cls, name: str = DEFAULT_EXAMPLE) -> "Task":
@@ -62,8 +63,9 @@ class Task:
             raise SpecError(f"unknown example {name!r}; built-in examples are {', '.join(EXAMPLES)}."
                             f"{did_you_mean(name, EXAMPLES)}")
         m = EXAMPLES[name]
+        search = getattr(importlib.import_module(m), "search_data", None)
         return cls(name, load_spec(f"{m}:model"), load_spec(f"{m}:calib_data"), load_spec(f"{m}:eval_data"),
-                   load_spec(f"{m}:metric"))
+                   load_spec(f"{m}:metric"), search if callable(search) else None)
 
     @classmethod
     def from_specs(cls, model: str, calib: str, eval: str, metric: str, name: Optional[str] = None) -> "Task":

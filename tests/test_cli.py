@@ -139,3 +139,25 @@ def test_quantize_says_what_was_realised_and_refuses_a_format_no_unit_runs_befor
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "no unit of the model can run 'fp8_e4m3' on backend 'ort-cpu'" in err and "int8 on conv" in err
+
+
+def test_search_reports_baselines_and_the_searched_plan_on_the_test_split(tmp_path, capsys):
+    argv = ["search", *SPECS, "--run-dir", str(tmp_path), "--budget", "0.95x", "--trials", "6", "--runs", "3"]
+    assert main(argv) == 0
+    out = json.loads((tmp_path / "search.json").read_text())
+    names = [r["plan"] for r in out["rows"]]
+    assert names[:3] == ["fp32", "all-int8", "weighted-only int8"] and "greedy fallback" in names
+    assert len(out["search"]["records"]) == 6 and out["search"]["records"][0]["source"] == "fp32"
+    assert (tmp_path / "search.md").is_file() and "test split" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "give a latency budget"),
+    (["--budget", "fast"], "budget 'fast' is not understood"),
+    (["--budget", "0.5x", "--sampler", "tpee"], "unknown sampler 'tpee'"),
+    (["--budget", "0.5x", "--trials", "0"], "must be at least 1"),
+])
+def test_search_refuses_bad_input_before_any_work(extra, message, tmp_path, capsys):
+    argv = ["search", *SPECS[:-1], "cli_task:exploding_metric", "--run-dir", str(tmp_path), *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
