@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from mixq.errors import MixqError
+from mixq.examples import DEFAULT_EXAMPLE, EXAMPLES
 
 
 def _add_task_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task (a built-in example, or your own module:function specs)")
-    g.add_argument("--example", default=None, help="built-in example: mnist_resnet (default) or minilm")
+    g.add_argument("--example", default=None, help="built-in example: " + ", ".join(
+        f"{n} (default)" if n == DEFAULT_EXAMPLE else n for n in EXAMPLES))
     g.add_argument("--model", help="spec of a function returning the float model, e.g. mypkg.models:build")
     g.add_argument("--calib", help="spec of a function returning calibration batches")
     g.add_argument("--eval", help="spec of a function returning (inputs, targets) evaluation batches")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from pathlib import Path
 from typing import Callable
@@ -49,6 +50,9 @@ def register(sub, add_task_args: Callable, task_of: Callable, run_dir_of: Callab
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--report-dir", default=None, help="where the report goes (default: RUN/report)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the Fisher probes")
+    p.add_argument("--split", default="eval", choices=("eval", "search"),
+                   help="data the exact scan measures: the evaluation (final test) split, the default, or the "
+                        "example's search split (what `mixq search` optimises on)")
     p.set_defaults(func=lambda args: cmd_scan(args, task_of, run_dir_of))
 
 
@@ -57,6 +61,11 @@ def cmd_scan(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable) 
     from mixq.sensitivity import scan_task
 
     task = task_of(args)
+    if args.split == "search":
+        if task.search_fn is None:
+            raise MixqError(f"--split search: the task {task.name!r} has no search split (an example module gives one "
+                            "with a search_data() function); use --split eval.")
+        task = dataclasses.replace(task, eval_fn=task.search_fn)
     run_dir = Path(run_dir_of(args, task))
     table = scan_task(task, backend=args.backend or "ort-cpu", formats=_names(args.formats), layers=_names(args.layers),
                       modes=args.mode, proxies=args.proxies, proxy_data=args.proxy_data,

@@ -20,9 +20,7 @@ from mixq.evaluate import run_outputs as _run_outputs
 from mixq.evaluate import score as _score
 from mixq.errors import SpecError, did_you_mean
 
-EXAMPLES = {"mnist_resnet": "experiments.mnist_resnet", "minilm": "experiments.minilm",
-            "effnet_fashion": "experiments.effnet_fashion", "minilm_bible": "experiments.minilm_bible"}
-DEFAULT_EXAMPLE = "mnist_resnet"
+from mixq.examples import DEFAULT_EXAMPLE, EXAMPLES  # noqa: F401  (re-exported)
 
 
 def load_spec(spec: str) -> Callable:

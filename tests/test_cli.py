@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from mixq.cli import main
+from mixq.task import Task
 
 SPECS = ["--model", "cli_task:model", "--calib", "cli_task:calib_data", "--eval", "cli_task:eval_data",
          "--metric", "cli_task:metric"]
@@ -39,6 +41,7 @@ def test_run_quantizes_verifies_and_times(tmp_path, capsys):
     (["quantize", *SPECS, "--format", "int9"], "unknown format 'int9'"),
     (["quantize", *SPECS[:-1], "cli_task:nan_metric"], "NaN/Inf score"),
     (["quantize", *SPECS, "--plan", "/nonexistent/plan.json"], "does not exist"),
+    (["scan", *SPECS[:-1], "cli_task:exploding_metric", "--split", "search"], "has no search split"),
 ])
 def test_bad_input_is_a_one_line_error(argv, message, tmp_path, capsys):
     assert main([*argv, "--run-dir", str(tmp_path)]) == 2
@@ -161,3 +164,24 @@ def test_search_refuses_bad_input_before_any_work(extra, message, tmp_path, caps
     argv = ["search", *SPECS[:-1], "cli_task:exploding_metric", "--run-dir", str(tmp_path), *extra]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_scan_on_the_search_split_measures_the_search_data(tmp_path, capsys, monkeypatch):
+    import cli_task
+
+    from mixq.sensitivity import SensitivityTable
+
+    def search_data():
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(16, 1, 16, 16, generator=g)
+        return [(x, cli_task.model()(x).argmax(1))]
+
+    real = cli_task.eval_data
+    monkeypatch.setattr("mixq.task.Task.from_specs", classmethod(lambda cls, *specs, name=None: Task(
+        "cli_task", cli_task.model, cli_task.calib_data, real, cli_task.metric, search_data)))
+    args = ["scan", *SPECS, "--formats", "int8", "--no-proxies", "--bootstrap", "0", "--no-progress"]
+    assert main([*args, "--split", "search", "--run-dir", str(tmp_path / "s")]) == 0
+    assert main([*args, "--run-dir", str(tmp_path / "e")]) == 0
+    searched = SensitivityTable.load(tmp_path / "s" / "sensitivity.json")
+    evaluated = SensitivityTable.load(tmp_path / "e" / "sensitivity.json")
+    assert (searched.samples, evaluated.samples) == (16, 32)
