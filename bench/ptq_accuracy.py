@@ -1,6 +1,6 @@
 """FP32 vs all-INT8 (and TensorRT FP8) PTQ accuracy for the examples, per calibrator.
 
-    python bench/ptq_accuracy.py [--examples mnist_resnet,minilm] [--out reports/ptq_accuracy]
+    python bench/ptq_accuracy.py [--examples mnist_resnet,minilm] [--out reports/ptq_accuracy] [--split eval|search]
 
 Prints a table and writes JSON + Markdown. Calibration happens once per (backend, method). Every
 number comes from ``mixq.evaluate``: the drop against the float model with its paired bootstrap
@@ -31,12 +31,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--examples", default="mnist_resnet,minilm")
     ap.add_argument("--out", default="reports/ptq_accuracy")
+    ap.add_argument("--split", default="eval", choices=("eval", "search"),
+                    help="evaluate on the example's evaluation (test) split or on its search split")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
     for name in args.examples.split(","):
         task = Task.example(name)
-        model, calib, evald = task.model_fn(), task.calib_fn(), task.eval_fn()
+        if args.split == "search" and task.search_fn is None:
+            raise SystemExit(f"--split search: the example {name!r} has no search split")
+        model, calib = task.model_fn(), task.calib_fn()
+        evald = task.search_fn() if args.split == "search" else task.eval_fn()
         fp32 = evaluate(model, evald, task.metric_fn)
         rows.append(dict(example=name, backend="-", format="fp32", calib_method="-", metric=fp32.metric, drop=0.0,
                          drop_ci=[0.0, 0.0], samples=fp32.samples))
@@ -52,9 +57,9 @@ def main() -> int:
                 print(f"{name:14s} {backend:9s} {fmt:9s} {method:10s} {r.metric:7.2f}  (drop {r.drop:+.2f}, 95% "
                       f"[{r.drop_ci[0]:+.2f}, {r.drop_ci[1]:+.2f}])", flush=True)
     out = Path(args.out)
-    write_atomic(out.with_suffix(".json"), json.dumps({"command": " ".join(["python"] + sys.argv), "rows": rows},
+    write_atomic(out.with_suffix(".json"), json.dumps({"command": " ".join(["python"] + sys.argv), "split": args.split, "rows": rows},
                                                       indent=1))
-    lines = [f"Command: `python {' '.join(sys.argv)}`", "",
+    lines = [f"Command: `python {' '.join(sys.argv)}`", "", f"Data: the examples' {args.split} split.", "",
              "| example | backend | format | calibrator | metric | drop vs FP32 | 95% interval |",
              "|---|---|---|---|---:|---:|---|"]
     lines += [f"| {r['example']} | {r['backend']} | {r['format']} | {r['calib_method']} | {r['metric']:.2f} | "
