@@ -305,3 +305,23 @@ def test_export_in_one_call_needs_inputs_or_a_graph(residual):
         export(q, "int8")
     a = export(q, "int8", example_inputs=x)
     assert qdq_summary(a) == qdq_summary(export(q, "int8", graph=g))
+
+
+def test_a_dead_channel_keeps_its_bias_in_the_int32_bias():
+    """A channel with ~zero weights and a real bias (EfficientNet-Lite0 has them) must not saturate its int32 bias."""
+    from mixq.engine.ort import build as build_engine
+    from mixq.export import export
+
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU6())
+    with torch.no_grad():
+        conv[0].weight[0].mul_(1e-6)  # amax ~3e-7: s_x * s_w ~7e-11, so the 0.5 would need ~7e9 > 2**31 in int32
+        conv[0].bias.copy_(torch.tensor([0.5, 0.1, -0.2, 0.3]))
+    calib = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    q = mixq.quantize(conv, "int8", backend="ort-cpu", calib_data=calib)
+    x = torch.randn(2, 3, 8, 8)
+    sim = q(x).detach().numpy()
+    got = build_engine(export(q, q.mixq.plan, calib[0][:1])).run(x)[0]
+    # channel 0 is the bias alone: 0.5 up to one output step (6/255)
+    np.testing.assert_allclose(got[:, 0], 0.5, atol=6 / 255)
+    np.testing.assert_allclose(got, sim, atol=2 * 6 / 255)

@@ -131,13 +131,34 @@ def _quantize_weight(q, w: torch.Tensor, perm: Optional[tuple], where: str) -> _
     return _WeightQ(c, scale.astype(np.float32), np.zeros(scale.shape, dtype), axis, None)
 
 
+INT32_BIAS_LIMIT = 2**30  # |bias code| kept below this (half of int32: room for the accumulator's own sum)
+
+
+def bias_weight_scale(bias: np.ndarray, x_scale: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
+    """The weight scale the int32 bias needs: ``w_scale``, raised where ``bias / (s_x * s_w)`` overflows.
+
+    A channel whose weights are (nearly) all zero gets a tiny weight scale, and its bias in units of
+    ``s_x * s_w`` no longer fits in int32: the engine would saturate it (seen on EfficientNet-Lite0: biases
+    of -0.4 .. -1.8 on dead channels, 1e10 codes). Raising that channel's weight scale until the bias fits
+    changes only weights that are ~1e-7 in size (they requantize to a few codes), and keeps the bias exact.
+    """
+    b = np.abs(bias.astype(np.float64))
+    ws = np.broadcast_to(np.asarray(w_scale, np.float64), b.shape) if np.ndim(w_scale) else np.asarray(w_scale, np.float64)
+    need = b / (float(np.asarray(x_scale).reshape(-1)[0]) * INT32_BIAS_LIMIT)
+    return np.maximum(ws, need).astype(np.float32) if ws.ndim else np.float32(max(float(ws), float(need.max(initial=0))))
+
+
 def _quantize_bias(bias: np.ndarray, x_scale: np.ndarray, w_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int32 bias codes and their scale ``s_x * s_w`` (per output channel where the weight is)."""
+    """int32 bias codes and their scale ``s_x * s_w`` (per output channel where the weight is).
+
+    Codes are computed and clipped in float64: float32 cannot hold 2**31 - 1, and a value clipped to it
+    would overflow the int32 cast. ``bias_weight_scale`` gives the weight scale that avoids clipping.
+    """
     bias = bias.astype(np.float32)
     bscale = (x_scale * w_scale).astype(np.float32)
     bscale = np.broadcast_to(bscale, bias.shape).astype(np.float32) if bscale.ndim else bscale
-    codes = np.clip(np.round(bias / bscale), -(2**31), 2**31 - 1).astype(np.int32)
-    return codes, bscale
+    codes = np.clip(np.round(bias.astype(np.float64) / bscale.astype(np.float64)), -(2**31), 2**31 - 1)
+    return codes.astype(np.int32), bscale
 
 
 def _version_key(t: Optional[torch.Tensor]) -> tuple:

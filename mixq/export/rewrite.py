@@ -18,7 +18,7 @@ from mixq.export.collect import _consumers
 from mixq.export.float_graph import _MARK_DOMAIN, FloatGraph, Site, _cached_weight
 from mixq.export.pad import is_zero_pad
 from mixq.export.qparams import (_FLOAT_TYPES, _TYPE_NAME, _activation_qparams, _QParams, _quantize_bias,
-                                 _to_float_type, _WeightQ)
+                                 _to_float_type, _WeightQ, bias_weight_scale)
 from mixq.formats import get_format
 from mixq.quant.modules import _wkey
 
@@ -35,6 +35,7 @@ class _Rewriter:
         self.qdq_of: dict[str, tuple] = {}  # DQ output -> (qparams key)
         self.act_scale: dict[str, np.ndarray] = {}  # DQ output -> per-tensor scale (for int32 bias)
         self.wq_of: dict[str, _WeightQ] = {}  # weight DQ output -> weight quantization
+        self.w_inits: dict[str, tuple[int, int]] = {}  # weight DQ output -> indices of its codes / scale in inits
         self.replace: dict[int, list[onnx.NodeProto]] = {}
         self.used_names: set[str] = set()
         self.outputs = {o.name for o in self.g.output}
@@ -148,6 +149,7 @@ class _Rewriter:
         base = s.src
         codes = self.init(wq.codes, f"{base}_quantized")
         sc = self.init(wq.scale, f"{base}_scale")
+        self.w_inits[s.dst] = (len(self.inits) - 2, len(self.inits) - 1)
         inputs = [codes, sc]
         if wq.zero_point is not None:
             inputs.append(self.init(wq.zero_point, f"{base}_zero_point"))
@@ -290,7 +292,13 @@ class _Rewriter:
         binit = self.template_inits.get(b)
         if binit is None or binit.data_type != TensorProto.FLOAT:
             return
-        codes, bscale = _quantize_bias(numpy_helper.to_array(binit), self.act_scale[x], self.wq_of[w].scale)
+        bias = numpy_helper.to_array(binit)
+        wq = self.wq_of[w]
+        if wq.axis is None or wq.scale.ndim == 1 and wq.scale.shape == bias.shape:
+            w_scale = bias_weight_scale(bias, self.act_scale[x], wq.scale)
+            if np.any(w_scale != wq.scale):
+                wq = self.raise_weight_scale(w, wq, w_scale)
+        codes, bscale = _quantize_bias(bias, self.act_scale[x], wq.scale)
         base = b
         qi = self.init(codes, f"{base}_quantized")
         sc = self.init(bscale, f"{base}_scale")
@@ -298,6 +306,21 @@ class _Rewriter:
         attrs = {"axis": 0} if bscale.ndim else {}
         self.emit("DequantizeLinear", [qi, sc], [out], f"{base}/DequantizeLinear", **attrs)
         node.input[2] = out
+
+    def raise_weight_scale(self, w: str, wq: _WeightQ, scale: np.ndarray) -> _WeightQ:
+        """Requantize a weight to a larger scale (``bias_weight_scale``) and rewrite its initializers."""
+        shape = [1] * wq.codes.ndim
+        if wq.axis is not None:
+            shape[wq.axis] = -1
+        old = wq.codes.astype(np.float64) * np.asarray(wq.scale, np.float64).reshape(shape if wq.axis is not None else ())
+        codes = np.clip(np.round(old / np.asarray(scale, np.float64).reshape(shape if wq.axis is not None else ())),
+                        -127, 127).astype(wq.codes.dtype)
+        new = _WeightQ(codes, np.asarray(scale, np.float32), wq.zero_point, wq.axis, wq.block_size)
+        ci, si = self.w_inits[w]
+        self.inits[ci] = numpy_helper.from_array(codes, self.inits[ci].name)
+        self.inits[si] = numpy_helper.from_array(new.scale, self.inits[si].name)
+        self.wq_of[w] = new
+        return new
 
     def assemble(self) -> onnx.ModelProto:
         src = self.fg.template
