@@ -68,12 +68,12 @@ def record_calls() -> Iterator[set[int]]:
 
 
 def _caller(name: str, mods: dict[str, nn.Module]) -> str:
-    """The nearest enclosing module that has a forward of its own (not a GraphModule's plain containers)."""
+    """The nearest enclosing module that can be called (not a GraphModule's plain containers, not a ModuleList)."""
     parts = name.split(".")
     for i in range(len(parts) - 1, 0, -1):
         parent = ".".join(parts[:i])
         m = mods.get(parent)
-        if m is not None and type(m) not in (nn.Module, nn.ModuleList, nn.ModuleDict, nn.Sequential):
+        if m is not None and type(m) not in (nn.Module, nn.ModuleList, nn.ModuleDict):
             return parent
     return ""
 
