@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -124,3 +124,53 @@ def describe(units_: list[str], limit: int = 6) -> str:
     """``'a', 'b' and 3 more``."""
     shown = ", ".join(repr(u) for u in units_[:limit])
     return shown + (f" and {len(units_) - limit} more" if len(units_) > limit else "")
+
+
+def not_run_text(missed: Sequence[NotRun]) -> str:
+    """The units grouped by cause: ``'a', 'b' (bypassed: nn.X 'p', 'q' ran without calling them: ...); ...``."""
+    groups: dict[tuple, tuple[list[str], list[str]]] = {}
+    for n in missed:
+        us, callers = groups.setdefault((n.bypassed, n.caller_type if n.caller else ""), ([], []))
+        us.append(n.unit)
+        if n.caller not in callers:
+            callers.append(n.caller)
+    parts = []
+    for (bypassed, ctype), (us, callers) in groups.items():
+        if bypassed:
+            why = (f"bypassed: {ctype} {describe(callers, 3)} ran without calling them, a native fast path (as "
+                   "nn.TransformerEncoderLayer's in eval mode) or a forward that reads their weights directly")
+        elif ctype:
+            why = f"never called: {ctype} {describe(callers, 3)} around them never ran either (an unused branch)"
+        else:
+            why = "never called in the model's forward on the calibration data (unused, or its weight read directly)"
+        parts.append(f"{describe(us)} ({why})")
+    return "; ".join(parts)
+
+
+def judge_not_run(quantized: Sequence[str], not_run: Sequence[NotRun]) -> tuple[Optional[str], Optional[str], list[str]]:
+    """Is it a failure that some of the units a plan quantizes never ran?
+
+    A failure when none of them ran (the "quantized" model computes in float) or when one was
+    bypassed (a module around it computed without it: a fast path using the float weights); a note
+    when the rest were merely never reached (an unused branch: nothing of theirs is computed).
+
+    Args:
+        quantized: the units the plan runs in a format other than fp32.
+        not_run: the model's units that never ran during calibration.
+
+    Returns:
+        (failure text or None, note text or None, the quantized units that ran).
+    """
+    missed = [n for n in not_run if n.unit in set(quantized)]
+    gone = {n.unit for n in missed}
+    ran = [u for u in quantized if u not in gone]
+    hint = (" Keep them fp32 in the plan (layers={name: 'fp32'}), or make the forward call them (mixq rebuilds "
+            "nn.MultiheadAttention and nn.TransformerEncoder(Layer) itself).")
+    if missed and not ran:
+        return (f"none of the {len(quantized)} unit(s) the plan quantizes ran during calibration, so the "
+                f"'quantized' model computes in float: {not_run_text(missed)}.{hint}"), None, ran
+    text = (f"{len(missed)} of the {len(quantized)} unit(s) the plan quantizes never ran during calibration "
+            f"(they count as fp32): {not_run_text(missed)}.")
+    if any(n.bypassed for n in missed):
+        return text + hint, None, ran
+    return None, (text if missed else None), ran

@@ -20,7 +20,7 @@ from mixq.errors import CalibrationError, ConfigError, MixqError, ModelError, Pl
 from mixq.formats import get_backend, get_format
 from mixq.fingerprint import Hasher, parameters_digest, weights_digest
 from mixq.leftfloat import LeftFloat, ParamCoverage, left_float, param_coverage
-from mixq.noop import NotRun, describe, outputs_identical, record_calls, units_not_run
+from mixq.noop import NotRun, describe, judge_not_run, not_run_text, outputs_identical, record_calls, units_not_run
 from mixq.plan import QuantPlan, Realisation
 from mixq.progress import batches as progress_batches
 from mixq.quant.attention import decompose_attention, decomposed_names
@@ -251,7 +251,7 @@ def calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str] = N
     missed = _state(qmodel).not_run
     if missed:
         warnings.warn(f"{len(missed)} unit(s) never ran during calibration and stay uncalibrated: "
-                      f"{_not_run_text(missed)}", QuantNotAppliedWarning, stacklevel=2)
+                      f"{not_run_text(missed)}", QuantNotAppliedWarning, stacklevel=2)
     return n
 
 
@@ -287,27 +287,6 @@ def _calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str],
     return digest.batches, first
 
 
-def _not_run_text(missed: Sequence[NotRun]) -> str:
-    """The units grouped by cause: ``'a', 'b' (bypassed: nn.X 'p', 'q' ran without calling them: ...); ...``."""
-    groups: dict[tuple, tuple[list[str], list[str]]] = {}
-    for n in missed:
-        us, callers = groups.setdefault((n.bypassed, n.caller_type if n.caller else ""), ([], []))
-        us.append(n.unit)
-        if n.caller not in callers:
-            callers.append(n.caller)
-    parts = []
-    for (bypassed, ctype), (us, callers) in groups.items():
-        if bypassed:
-            why = (f"bypassed: {ctype} {describe(callers, 3)} ran without calling them, a native fast path (as "
-                   "nn.TransformerEncoderLayer's in eval mode) or a forward that reads their weights directly")
-        elif ctype:
-            why = f"never called: {ctype} {describe(callers, 3)} around them never ran either (an unused branch)"
-        else:
-            why = "never called in the model's forward on the calibration data (unused, or its weight read directly)"
-        parts.append(f"{describe(us)} ({why})")
-    return "; ".join(parts)
-
-
 def check_applied(qmodel: nn.Module, batch: Any = None, on_noop: str = "error") -> None:
     """Check that the active plan's quantization happens: its units ran, and change the output.
 
@@ -334,31 +313,18 @@ def check_applied(qmodel: nn.Module, batch: Any = None, on_noop: str = "error") 
     if st.plan is None:
         return
     quantized = [u for u, f in st.plan.resolve(st.kinds).items() if f != "fp32"]
-    missed = [n for n in st.not_run if n.unit in quantized]
-    ran = [u for u in quantized if u not in {n.unit for n in missed}]
-    failures, notes = [], []
-    hint = (" Keep them fp32 in the plan (layers={name: 'fp32'}), or make the forward call them (mixq rebuilds "
-            "nn.MultiheadAttention and nn.TransformerEncoder(Layer) itself).")
-    if missed and not ran:
-        failures.append(f"none of the {len(quantized)} unit(s) the plan quantizes ran during calibration, so the "
-                        f"'quantized' model computes in float: {_not_run_text(missed)}.{hint}")
-    elif any(n.bypassed for n in missed):
-        failures.append(f"{len(missed)} of the {len(quantized)} unit(s) the plan quantizes never ran during "
-                        f"calibration (they count as fp32): {_not_run_text(missed)}.{hint}")
-    elif missed:
-        notes.append(f"{len(missed)} of the {len(quantized)} unit(s) the plan quantizes never ran during calibration "
-                     f"(they count as fp32): {_not_run_text(missed)}.")
-    if batch is not None and ran and not failures and _output_unchanged(qmodel, batch):
-        failures.append(f"the model's output under the plan is bit-identical to its output with every unit fp32 "
-                        f"on the first calibration batch, although {len(ran)} quantized unit(s) ran "
-                        f"({describe(ran)}): the quantization does not reach the output (a forward that discards "
-                        f"their outputs, or computes with the float weights elsewhere).")
-    for text in notes:
-        warnings.warn(text, QuantNotAppliedWarning, stacklevel=3)
-    if failures and on_noop == "error":
-        raise QuantNotAppliedError(f"{failures[0]} Pass on_noop='warn' to go on anyway.")
-    for text in failures:
-        warnings.warn(text, QuantNotAppliedWarning, stacklevel=3)
+    failure, note, ran = judge_not_run(quantized, st.not_run)
+    if failure is None and batch is not None and ran and _output_unchanged(qmodel, batch):
+        failure = (f"the model's output under the plan is bit-identical to its output with every unit fp32 on the "
+                   f"first calibration batch, although {len(ran)} quantized unit(s) ran ({describe(ran)}): the "
+                   f"quantization does not reach the output (a forward that discards their outputs, or computes "
+                   f"with the float weights elsewhere).")
+    if note:
+        warnings.warn(note, QuantNotAppliedWarning, stacklevel=3)
+    if failure and on_noop == "error":
+        raise QuantNotAppliedError(f"{failure} Pass on_noop='warn' to go on anyway.")
+    if failure:
+        warnings.warn(failure, QuantNotAppliedWarning, stacklevel=3)
 
 
 def _output_unchanged(qmodel: nn.Module, batch: Any) -> Optional[bool]:

@@ -214,3 +214,13 @@ def test_realisation_counts_units_that_never_ran_as_fp32():
     assert r.to_dict()["not_run"] == {"b": "why", "c": "why"}
     plain = QuantPlan(default="int8").realisation(kinds)
     assert plain.not_run == {} and plain.complete
+
+
+def test_a_saved_model_remembers_the_units_that_never_ran(tmp_path):
+    data = calib(2, (4, 8))
+    with pytest.warns(QuantNotAppliedWarning):
+        q = mixq.quantize(Net().eval(), {"layers": {"block.fc": "fp32"}}, calib_data=data, mode="module")
+    mixq.save_quantized(q, tmp_path / "q")
+    back = mixq.load_quantized(Net().eval(), tmp_path / "q", calib_data=data)
+    assert back.mixq.not_run == q.mixq.not_run
+    assert back.mixq.realisation == q.mixq.realisation and back.mixq.realisation.not_run.keys() == {"aux.0"}

@@ -10,7 +10,8 @@ PyTorch's own attention modules hide their arithmetic from a quantizer:
   quant module swapped in for ``linear1`` is never called; and their forward does not FX-trace
   (``F._none_or_dtype`` of a Proxy).
 
-``decompose_attention(model)`` returns a copy in which each of them (exact types only) is replaced by
+``decompose_attention(model)`` returns a copy in which each of them (and subclasses that keep its
+forward) is replaced by
 an equivalent module whose forward is the slow path written with plain pieces: q/k/v input
 projections and ``out_proj`` as ``nn.Linear`` (``self_attn.q_proj`` ...), the two attention products
 as ``torch.matmul`` and the softmax as ``torch.softmax`` (units in FX graph mode, as in a BERT written
@@ -222,28 +223,58 @@ class DecomposedEncoder(nn.Module):
         return self.norm(out) if self.norm is not None else out
 
 
-_REPLACED = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+# class -> the methods a subclass must inherit unchanged for the rebuild to compute what it computes
+_REPLACED: dict[type, tuple[str, ...]] = {nn.MultiheadAttention: ("forward",),
+                                         nn.TransformerEncoderLayer: ("forward", "_sa_block", "_ff_block"),
+                                         nn.TransformerEncoder: ("forward",)}
+
+
+def _replaceable(m: nn.Module, skip: set) -> Optional[type]:
+    """The torch class ``m`` is rebuilt as (itself or a subclass that only changes ``__init__``), or None."""
+    if type(m) in skip:
+        return None
+    for base, methods in _REPLACED.items():
+        if isinstance(m, base) and all(getattr(type(m), f) is getattr(base, f) for f in methods):
+            return base
+    return None
+
+
+def _opaque(m: nn.Module, base: Optional[type]) -> bool:
+    """An encoder (layer) subclass with a forward of its own may read its attention's in_proj_weight:
+    its attention stays as it is (and a fast path there is caught by quantize's checks)."""
+    return base is None and isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder))
+
+
+def _has_targets(m: nn.Module, skip: set) -> bool:
+    """Would ``_rebuild`` replace anything in ``m``?"""
+    base = _replaceable(m, skip)
+    if base is not None:
+        return True
+    return any(_has_targets(c, skip) for c in m.children()
+               if not (_opaque(m, base) and isinstance(c, nn.MultiheadAttention)))
 
 
 def _rebuild(m: nn.Module, name: str, skip: set, memo: dict) -> nn.Module:
-    """``m`` with its children rebuilt first, then itself replaced when it is an exact type we replace."""
+    """``m`` with its children rebuilt first, then itself replaced when it is a module we rebuild."""
     if id(m) in memo:  # a module used in several places stays shared
         return memo[id(m)]
+    base = _replaceable(m, skip)
+    opaque = _opaque(m, base)
     for child_name, child in list(m._modules.items()):
-        if child is not None:
-            new = _rebuild(child, f"{name}.{child_name}" if name else child_name, skip, memo)
-            if new is not child:
-                m._modules[child_name] = new
+        if child is None or (opaque and isinstance(child, nn.MultiheadAttention)):
+            continue
+        new = _rebuild(child, f"{name}.{child_name}" if name else child_name, skip, memo)
+        if new is not child:
+            m._modules[child_name] = new
     out = m
-    if type(m) not in skip:
-        if type(m) is nn.MultiheadAttention:
-            out = DecomposedMultiheadAttention(m, name)
-        elif type(m) is nn.TransformerEncoderLayer:
-            out = DecomposedEncoderLayer(m, m.self_attn)
-        elif type(m) is nn.TransformerEncoder:
-            out = DecomposedEncoder(m)
-        if out is not m:
-            out.train(m.training)
+    if base is nn.MultiheadAttention:
+        out = DecomposedMultiheadAttention(m, name)
+    elif base is nn.TransformerEncoderLayer:
+        out = DecomposedEncoderLayer(m, m.self_attn)
+    elif base is nn.TransformerEncoder:
+        out = DecomposedEncoder(m)
+    if out is not m:
+        out.train(m.training)
     memo[id(m)] = out
     return out
 
@@ -256,15 +287,15 @@ def decompose_attention(model: nn.Module, keep: tuple[type, ...] = ()) -> nn.Mod
         keep: classes to leave as they are (those a user's ``custom_modules`` maps).
 
     Returns:
-        A deep copy with each exact ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and
-        ``nn.TransformerEncoder`` replaced (see the module docstring), or ``model`` itself when it
-        has none.
+        A deep copy with each ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and
+        ``nn.TransformerEncoder`` replaced (see the module docstring; subclasses too when they keep the
+        forward of their class), or ``model`` itself when it has none.
 
     Raises:
         ModelError: an ``nn.MultiheadAttention`` with ``add_bias_kv`` or ``add_zero_attn`` (named).
     """
     skip = set(keep)
-    if not any(type(m) in _REPLACED and type(m) not in skip for m in model.modules()):
+    if not _has_targets(model, skip):
         return model
     return _rebuild(copy.deepcopy(model), "", skip, {})
 
