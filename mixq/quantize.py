@@ -23,7 +23,7 @@ from mixq.leftfloat import LeftFloat, ParamCoverage, left_float, param_coverage
 from mixq.noop import NotRun, describe, judge_not_run, not_run_text, outputs_identical, record_calls, units_not_run
 from mixq.plan import QuantPlan, Realisation
 from mixq.progress import batches as progress_batches
-from mixq.quant.attention import decompose_attention, decomposed_names
+from mixq.quant.transformer import decompose_attention, decomposed_names
 from mixq.quant.descriptor import check_calib_method
 from mixq.quant.graph import followers, prepare_fx, reset_quant_module, units
 from mixq.quant.custom import CustomModules, check_custom_modules, quant_class_for
@@ -102,9 +102,10 @@ def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", conc
             class float). Subclasses of conv / linear / pooling layers from user code need no entry:
             they are quantized around their own forward.
 
-    ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` are first
-    rebuilt from plain pieces (``mixq.quant.attention``: q/k/v/out projections as Linear units such as
-    ``layers.0.self_attn.q_proj``, no native fast path), unless ``custom_modules`` names their class.
+    PyTorch's ``nn.MultiheadAttention`` and transformer modules (encoder / decoder layers and stacks,
+    ``nn.Transformer``) are first rebuilt from plain pieces (``mixq.quant.transformer``: q/k/v/out
+    projections as Linear units such as ``layers.0.self_attn.q_proj``, no native fast path, a forward
+    FX traces), unless ``custom_modules`` names their class.
 
     Raises:
         MixqError: bad mode; ModelError: no quantizable unit, a bad custom_modules entry, or an

@@ -1,38 +1,26 @@
-"""nn.MultiheadAttention and nn.TransformerEncoder(Layer) rebuilt from pieces mixq quantizes.
+"""nn.MultiheadAttention rebuilt from pieces mixq quantizes.
 
-PyTorch's own attention modules hide their arithmetic from a quantizer:
-
-- ``nn.MultiheadAttention`` multiplies by ``in_proj_weight`` inside ``F.multi_head_attention_forward``
-  (no Linear module is ever called for the q/k/v projections), and its ``out_proj`` is a Linear
-  subclass whose weight that function also reads directly;
-- ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` take a native fast path in eval mode
-  (``torch._transformer_encoder_layer_fwd``, nested tensors) that reads every weight itself, so a
-  quant module swapped in for ``linear1`` is never called; and their forward does not FX-trace
-  (``F._none_or_dtype`` of a Proxy).
-
-``decompose_attention(model)`` returns a copy in which each of them (and subclasses that keep its
-forward) is replaced by
-an equivalent module whose forward is the slow path written with plain pieces: q/k/v input
-projections and ``out_proj`` as ``nn.Linear`` (``self_attn.q_proj`` ...), the two attention products
-as ``torch.matmul`` and the softmax as ``torch.softmax`` (units in FX graph mode, as in a BERT written
-by hand), and the masks as one additive bias that stays float. In FP32 the copy computes what the
-original computes on its slow path (padded positions of a nested-tensor fast path hold the slow
-path's values, not zeros). Forward hooks on the replaced modules are not carried over.
+``nn.MultiheadAttention`` multiplies by ``in_proj_weight`` inside ``F.multi_head_attention_forward``
+(no Linear module is ever called for the q/k/v projections), and its ``out_proj`` is a Linear
+subclass whose weight that function also reads directly; in eval mode it may take a native fast
+path (``torch._native_multi_head_attention``). ``DecomposedMultiheadAttention`` computes the same
+thing from plain pieces: q/k/v input projections and ``out_proj`` as ``nn.Linear``
+(``self_attn.q_proj`` ...), the two attention products as ``torch.matmul`` and the softmax as
+``torch.softmax`` (units in FX graph mode, as in a BERT written by hand), and the masks as one
+additive bias that stays float. ``mixq.quant.transformer`` puts it in place of each
+``nn.MultiheadAttention`` of a model, and rebuilds the encoder / decoder layers around it.
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from mixq.errors import ModelError
 
-__all__ = ["DecomposedMultiheadAttention", "DecomposedEncoderLayer", "DecomposedEncoder", "attention_bias",
-           "decompose_attention"]
+__all__ = ["DecomposedMultiheadAttention", "attention_bias"]
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
@@ -170,137 +158,3 @@ class DecomposedMultiheadAttention(nn.Module):
             out = out.squeeze(0 if self.batch_first else 1)
             weights = weights.squeeze(0) if weights is not None else None
         return out, weights
-
-
-class DecomposedEncoderLayer(nn.Module):
-    """``nn.TransformerEncoderLayer`` whose forward is always the slow path (its submodules, same names)."""
-
-    def __init__(self, layer: nn.TransformerEncoderLayer, self_attn: nn.Module) -> None:
-        super().__init__()
-        self.self_attn = self_attn
-        self.linear1, self.dropout, self.linear2 = layer.linear1, layer.dropout, layer.linear2
-        self.norm_first = layer.norm_first
-        self.norm1, self.norm2 = layer.norm1, layer.norm2
-        self.dropout1, self.dropout2 = layer.dropout1, layer.dropout2
-        self.activation = layer.activation  # a function (F.relu, F.gelu ...) or a module
-
-    def forward(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None,
-                src_key_padding_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        x = src
-        if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
-            x = x + self._ff_block(self.norm2(x))
-        else:
-            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
-            x = self.norm2(x + self._ff_block(x))
-        return x
-
-    def _sa_block(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                  key_padding_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
-        x = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False,
-                           is_causal=is_causal)[0]
-        return self.dropout1(x)
-
-    def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
-
-
-class DecomposedEncoder(nn.Module):
-    """``nn.TransformerEncoder`` without its nested-tensor fast path (layers and final norm, same names)."""
-
-    def __init__(self, encoder: nn.TransformerEncoder) -> None:
-        super().__init__()
-        self.layers = encoder.layers
-        self.num_layers = encoder.num_layers
-        self.norm = encoder.norm
-
-    def forward(self, src: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                src_key_padding_mask: Optional[torch.Tensor] = None, is_causal: Optional[bool] = None) -> torch.Tensor:
-        out = src
-        is_causal = False if is_causal is None else is_causal
-        for layer in self.layers:
-            out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
-        return self.norm(out) if self.norm is not None else out
-
-
-# class -> the methods a subclass must inherit unchanged for the rebuild to compute what it computes
-_REPLACED: dict[type, tuple[str, ...]] = {nn.MultiheadAttention: ("forward",),
-                                         nn.TransformerEncoderLayer: ("forward", "_sa_block", "_ff_block"),
-                                         nn.TransformerEncoder: ("forward",)}
-
-
-def _replaceable(m: nn.Module, skip: set) -> Optional[type]:
-    """The torch class ``m`` is rebuilt as (itself or a subclass that only changes ``__init__``), or None."""
-    if type(m) in skip:
-        return None
-    for base, methods in _REPLACED.items():
-        if isinstance(m, base) and all(getattr(type(m), f) is getattr(base, f) for f in methods):
-            return base
-    return None
-
-
-def _opaque(m: nn.Module, base: Optional[type]) -> bool:
-    """An encoder (layer) subclass with a forward of its own may read its attention's in_proj_weight:
-    its attention stays as it is (and a fast path there is caught by quantize's checks)."""
-    return base is None and isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder))
-
-
-def _has_targets(m: nn.Module, skip: set) -> bool:
-    """Would ``_rebuild`` replace anything in ``m``?"""
-    base = _replaceable(m, skip)
-    if base is not None:
-        return True
-    return any(_has_targets(c, skip) for c in m.children()
-               if not (_opaque(m, base) and isinstance(c, nn.MultiheadAttention)))
-
-
-def _rebuild(m: nn.Module, name: str, skip: set, memo: dict) -> nn.Module:
-    """``m`` with its children rebuilt first, then itself replaced when it is a module we rebuild."""
-    if id(m) in memo:  # a module used in several places stays shared
-        return memo[id(m)]
-    base = _replaceable(m, skip)
-    opaque = _opaque(m, base)
-    for child_name, child in list(m._modules.items()):
-        if child is None or (opaque and isinstance(child, nn.MultiheadAttention)):
-            continue
-        new = _rebuild(child, f"{name}.{child_name}" if name else child_name, skip, memo)
-        if new is not child:
-            m._modules[child_name] = new
-    out = m
-    if base is nn.MultiheadAttention:
-        out = DecomposedMultiheadAttention(m, name)
-    elif base is nn.TransformerEncoderLayer:
-        out = DecomposedEncoderLayer(m, m.self_attn)
-    elif base is nn.TransformerEncoder:
-        out = DecomposedEncoder(m)
-    if out is not m:
-        out.train(m.training)
-    memo[id(m)] = out
-    return out
-
-
-def decompose_attention(model: nn.Module, keep: tuple[type, ...] = ()) -> nn.Module:
-    """A copy of ``model`` with MHA / encoder layers / encoders rebuilt from plain pieces (``model`` if none).
-
-    Args:
-        model: the float model (not modified).
-        keep: classes to leave as they are (those a user's ``custom_modules`` maps).
-
-    Returns:
-        A deep copy with each ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and
-        ``nn.TransformerEncoder`` replaced (see the module docstring; subclasses too when they keep the
-        forward of their class), or ``model`` itself when it has none.
-
-    Raises:
-        ModelError: an ``nn.MultiheadAttention`` with ``add_bias_kv`` or ``add_zero_attn`` (named).
-    """
-    skip = set(keep)
-    if not _has_targets(model, skip):
-        return model
-    return _rebuild(copy.deepcopy(model), "", skip, {})
-
-
-def decomposed_names(model: nn.Module) -> list[str]:
-    """Paths of the modules ``decompose_attention`` made in ``model`` (for reports)."""
-    kinds = (DecomposedMultiheadAttention, DecomposedEncoderLayer, DecomposedEncoder)
-    return [n for n, m in model.named_modules() if isinstance(m, kinds)]
