@@ -15,6 +15,7 @@ another mixq or torch version. Tensors are read with ``torch.load(weights_only=T
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -28,6 +29,7 @@ from torch import nn
 from mixq.artifacts import write_atomic
 from mixq.errors import CheckpointError, StaleCheckpointError
 from mixq.fingerprint import data_digest, parameters_digest, weights_digest
+from mixq.noop import NotRun
 from mixq.plan import QuantPlan
 from mixq.quant.custom import CustomModules
 from mixq.quant.modules import QuantMixin
@@ -94,6 +96,7 @@ def save_quantized(qmodel: nn.Module, path: str | os.PathLike) -> Path:
         "calib_method": st.calib_method, "backend": st.backend, "mode": st.mode,
         "prepare_options": st.prepare_options, "formats": list(st.formats), "kinds": st.kinds,
         "plan": st.plan.to_dict() if st.plan is not None else None, "fallback_reason": st.fallback_reason,
+        "not_run": [dataclasses.asdict(n) for n in st.not_run],
         "tensors_sha256": hashlib.sha256(blob).hexdigest(),
     }
     write_atomic(folder / TENSORS, blob)
@@ -189,6 +192,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, calib_data: Opt
     _fill(qmodel, blob)
     st.prepare_options = opts
     st.calibrated, st.calib_digest, st.calib_batches = True, meta["calib_digest"], meta["calib_batches"]
+    st.not_run = [NotRun(**n) for n in meta.get("not_run", [])]  # units that never ran count as fp32 again
     if meta["plan"] is not None:
         set_plan(qmodel, QuantPlan.from_dict(meta["plan"]))
     return qmodel

@@ -41,6 +41,10 @@ class ModelError(MixqError, ValueError):
     """A model mixq cannot work with (for example: no quantizable layer)."""
 
 
+class QuantNotAppliedError(MixqError, RuntimeError):
+    """A quantization that does not happen: quantized units never ran, or the output equals the float output."""
+
+
 class SpecError(MixqError, ValueError):
     """A ``module:function`` spec that does not resolve."""
 

@@ -150,6 +150,8 @@ def left_float(model: nn.Module, qmodel: nn.Module, custom_modules: CustomModule
     seen = {id(p) for m in covered.values() for p in m.parameters(recurse=False)}
     folded = getattr(qmodel, "mixq_folded_bn", None)  # None: folding was off
     mode = getattr(getattr(qmodel, "mixq", None), "mode", "fx" if hasattr(qmodel, "graph") else "module")
+    custom = dict(custom_modules or {})
+    kept = {n: m for n, m in model.named_modules() if n and type(m) in custom and custom[type(m)] is None}
     out = []
     for name, m in model.named_modules():
         own = [p for p in m.parameters(recurse=False)]
@@ -157,7 +159,12 @@ def left_float(model: nn.Module, qmodel: nn.Module, custom_modules: CustomModule
             continue
         fresh = [p for p in own if id(p) not in seen]
         seen.update(id(p) for p in own)
-        reason, by_design = _reason(name, m, qmodel, folded, mode, dict(custom_modules or {}))
+        inside = next((k for k in kept if name.startswith(f"{k}.")), None)
+        if inside is not None:
+            reason, by_design = (f"inside {type_label(type(kept[inside]))} {inside!r}, kept float as asked "
+                                 "(custom_modules maps it to None)"), True
+        else:
+            reason, by_design = _reason(name, m, qmodel, folded, mode, custom)
         out.append(LeftFloat(name=name, type=type_label(type(m)), params=sum(p.numel() for p in fresh),
                              reason=reason, by_design=by_design))
     return out

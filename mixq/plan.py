@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 from mixq.artifacts import write_atomic
 from mixq.calib_methods import CALIB_METHODS
@@ -93,23 +93,31 @@ class QuantPlan:
         self.validate(kinds)
         return {n: self.format_for(n, k) for n, k in kinds.items()}
 
-    def realisation(self, kinds: Mapping[str, str]) -> "Realisation":
+    def realisation(self, kinds: Mapping[str, str], not_run: Optional[Mapping[str, str]] = None) -> "Realisation":
         """What this plan realises on a model's units (name -> kind): formats per unit and the fallbacks.
+
+        Args:
+            kinds: the model's units and their kinds.
+            not_run: units that never ran during calibration -> why; the plan's format for them is not
+                realised (they compute float, or not at all), so they count as fp32.
 
         Raises:
             the errors of ``validate``.
         """
         self.validate(kinds)
         be = get_backend(self.backend)
-        assigned, fallback = {}, {}
+        assigned, fallback, skipped = {}, {}, {}
         for n, k in kinds.items():
             assigned[n] = self.format_for(n, k)
             if n not in self.layers and assigned[n] != self.default:
                 fallback[n] = f"{be.name} cannot run {self.default} on {k} units"
+            elif not_run and n in not_run and assigned[n] != "fp32":
+                skipped[n], assigned[n] = not_run[n], "fp32"
         counts = {f: n for f in FORMATS if (n := sum(v == f for v in assigned.values()))}
         return Realisation(backend=be.name, default=self.default, total=len(kinds), counts=counts,
-                           named={n: f for n, f in self.layers.items()}, fallback=fallback,
-                           default_kinds=tuple(k for k in be.formats if self.default in be.supported(k)))
+                           named={n: f for n, f in self.layers.items() if n not in skipped}, fallback=fallback,
+                           default_kinds=tuple(k for k in be.formats if self.default in be.supported(k)),
+                           not_run=skipped)
 
     def formats(self) -> set[str]:
         """Every format the plan can ask for."""
@@ -171,6 +179,8 @@ class Realisation:
         named: units the plan names explicitly -> their format.
         fallback: unit -> why it runs fp32 although the plan's default is another format.
         default_kinds: unit kinds the backend runs the default on (every kind it knows).
+        not_run: units the plan quantizes that never ran during calibration -> why (counted fp32,
+            neither in ``named`` nor run by default).
     """
 
     backend: str
@@ -180,11 +190,12 @@ class Realisation:
     named: dict[str, str]
     fallback: dict[str, str]
     default_kinds: tuple[str, ...] = ()
+    not_run: dict[str, str] = field(default_factory=dict)
 
     @property
     def by_default(self) -> int:
         """Units that run the plan's default format without being named."""
-        return self.total - len(self.named) - len(self.fallback)
+        return self.total - len(self.named) - len(self.fallback) - len(self.not_run)
 
     @property
     def complete(self) -> bool:
@@ -212,4 +223,8 @@ class Realisation:
             n = len(self.fallback)
             parts.append(f"{n} {'stays' if n == 1 else 'stay'} fp32 because {self.backend} runs {self.default} only "
                          f"on {', '.join(self.default_kinds)}")
+        if self.not_run:
+            n, names = len(self.not_run), list(self.not_run)
+            shown = ", ".join(names[:3]) + (f" and {n - 3} more" if n > 3 else "")
+            parts.append(f"{n} quantized by the plan never ran during calibration and count as fp32 ({shown})")
         return "; ".join(parts)

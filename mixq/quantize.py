@@ -16,18 +16,21 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from mixq.errors import CalibrationError, MixqError, ModelError, PlanError
+from mixq.errors import CalibrationError, ConfigError, MixqError, ModelError, PlanError, QuantNotAppliedError
 from mixq.formats import get_backend, get_format
 from mixq.fingerprint import Hasher, parameters_digest, weights_digest
 from mixq.leftfloat import LeftFloat, ParamCoverage, left_float, param_coverage
+from mixq.noop import NotRun, describe, judge_not_run, not_run_text, outputs_identical, record_calls, units_not_run
 from mixq.plan import QuantPlan, Realisation
 from mixq.progress import batches as progress_batches
+from mixq.quant.transformer import decompose_attention, decomposed_names
 from mixq.quant.descriptor import check_calib_method
 from mixq.quant.graph import followers, prepare_fx, reset_quant_module, units
 from mixq.quant.custom import CustomModules, check_custom_modules, quant_class_for
 from mixq.quant.modules import QUANT_MAP, QuantMixin, from_float
 
 MODES = ("auto", "fx", "module")
+ON_NOOP = ("error", "warn")
 
 
 class FallbackWarning(UserWarning):
@@ -36,6 +39,10 @@ class FallbackWarning(UserWarning):
 
 class LeftFloatWarning(UserWarning):
     """Weighted modules that mixq cannot quantize stay float (``qmodel.mixq.left_float`` lists them)."""
+
+
+class QuantNotAppliedWarning(UserWarning):
+    """Units never ran during calibration (``qmodel.mixq.not_run``), or a check of ``on_noop="warn"`` failed."""
 
 
 @dataclass
@@ -58,11 +65,17 @@ class QuantState:
     weights_digest: str = ""
     prepare_options: dict = field(default_factory=dict)
     prepared_digest: str = ""
+    not_run: list[NotRun] = field(default_factory=list)
 
     @property
     def realisation(self) -> Optional[Realisation]:
-        """What the active plan realises on this model (formats per unit, fallbacks and why)."""
-        return self.plan.realisation(self.kinds) if self.plan is not None else None
+        """What the active plan realises on this model (formats per unit, fallbacks and why).
+
+        Units that never ran during calibration count as fp32 (``Realisation.not_run``).
+        """
+        if self.plan is None:
+            return None
+        return self.plan.realisation(self.kinds, {n.unit: n.reason for n in self.not_run})
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -89,13 +102,21 @@ def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", conc
             class float). Subclasses of conv / linear / pooling layers from user code need no entry:
             they are quantized around their own forward.
 
+    PyTorch's ``nn.MultiheadAttention`` and transformer modules (encoder / decoder layers and stacks,
+    ``nn.Transformer``) are first rebuilt from plain pieces (``mixq.quant.transformer``: q/k/v/out
+    projections as Linear units such as ``layers.0.self_attn.q_proj``, no native fast path, a forward
+    FX traces), unless ``custom_modules`` names their class.
+
     Raises:
-        MixqError: bad mode; ModelError: no quantizable unit, or a bad custom_modules entry.
+        MixqError: bad mode; ModelError: no quantizable unit, a bad custom_modules entry, or an
+            nn.MultiheadAttention mixq cannot rebuild (add_bias_kv / add_zero_attn).
     """
     be = get_backend(backend)
     custom = check_custom_modules(custom_modules)
     if mode not in MODES:
         raise MixqError(f"unknown mode {mode!r}; valid modes are {', '.join(MODES)}.")
+    source = model
+    model = decompose_attention(source, tuple(custom))
     reason = ""
     qmodel = None
     if mode in ("auto", "fx"):
@@ -120,13 +141,15 @@ def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", conc
         )
     left = left_float(model, qmodel, custom)
     qmodel.mixq = QuantState(backend=be.name, mode=used, kinds=kinds, fallback_reason=reason, left_float=left,
-                             coverage=param_coverage(model, qmodel, left), weights_digest=weights_digest(model),
+                             coverage=param_coverage(model, qmodel, left), weights_digest=weights_digest(source),
                              prepare_options={"mode": mode, "fold_bn": fold_bn,
                                               "preserved_attributes": list(preserved_attributes),
                                               "concrete_args": sorted(concrete_args) if concrete_args else None,
                                               "custom_modules": sorted(f"{c.__module__}.{c.__qualname__}"
                                                                        for c in custom)})
     qmodel.mixq.prepared_digest = parameters_digest(qmodel)
+    if model is not source:
+        qmodel.mixq.extra["decomposed"] = decomposed_names(model)
     _preserve_on_deepcopy(qmodel, "mixq", "mixq_folded_bn")
     return qmodel
 
@@ -214,6 +237,10 @@ def calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str] = N
         method: "max", "entropy", "percentile" or "mse"; None keeps the model's (``qmodel.mixq.calib_method``).
         progress: label of a progress bar over the batches (shown on a terminal), or None.
 
+    Units that never run during the pass are recorded in ``qmodel.mixq.not_run`` (they count as fp32
+    in ``realisation``) and named in a ``QuantNotAppliedWarning``; ``check_applied`` decides whether
+    that is an error for a plan.
+
     Returns:
         The number of batches run.
 
@@ -221,17 +248,30 @@ def calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str] = N
         ConfigError: an unknown method (checked before any work).
         CalibrationError: the loader yields nothing, or yields NaN/Inf.
     """
+    n, _ = _calibrate(qmodel, calib_data, method, progress)
+    missed = _state(qmodel).not_run
+    if missed:
+        warnings.warn(f"{len(missed)} unit(s) never ran during calibration and stay uncalibrated: "
+                      f"{not_run_text(missed)}", QuantNotAppliedWarning, stacklevel=2)
+    return n
+
+
+def _calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str],
+               progress: Optional[str]) -> tuple[int, Any]:
+    """``calibrate`` without its warning; returns (batches run, the first batch)."""
     st = _state(qmodel)
     method = check_calib_method(method or st.calib_method)
     mods = [m for m in qmodel.modules() if isinstance(m, QuantMixin)]
     for m in mods:
         m.begin_calibration(method)
     digest = Hasher()
+    first = None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), record_calls() as called:
             for batch in progress_batches(calib_data, progress):
                 call_model(qmodel, batch)
                 digest.update(batch)
+                first = batch if first is None else first
     finally:
         for m in mods:
             m.calibrating = False
@@ -241,10 +281,66 @@ def calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str] = N
     for m in mods:
         m.end_calibration()
     st.calib_method, st.calib_digest, st.calib_batches = method, digest.hexdigest(), digest.batches
+    st.not_run = units_not_run(qmodel, called)
     st.calibrated = True
     if st.plan is not None and st.plan.calib_method != method:
         st.plan = dataclasses.replace(st.plan, calib_method=method)
-    return digest.batches
+    return digest.batches, first
+
+
+def check_applied(qmodel: nn.Module, batch: Any = None, on_noop: str = "error") -> None:
+    """Check that the active plan's quantization happens: its units ran, and change the output.
+
+    A unit the plan quantizes that never ran during calibration computes nothing quantized: when a
+    module around it ran without calling it ("bypassed", e.g. a native fast path computing with the
+    float weights) or when none of the plan's quantized units ran, that is a failure; units that
+    were merely never reached (an unused branch) get a ``QuantNotAppliedWarning``. Then, on
+    ``batch``, the model's output under the plan must differ from its output with every unit fp32
+    (both in eval mode): a bit-identical output means the quantization never reaches the output.
+    A plan that quantizes nothing, or an output with no floating-point tensor, passes.
+
+    Args:
+        qmodel: a calibrated model from ``quantize`` (its active plan is checked and kept).
+        batch: an input batch (the first calibration batch in ``quantize``); None skips the output check.
+        on_noop: "error" (raise) or "warn" (``QuantNotAppliedWarning``) on a failure.
+
+    Raises:
+        ConfigError: an unknown ``on_noop``.
+        QuantNotAppliedError: a failure, when ``on_noop="error"``.
+    """
+    if on_noop not in ON_NOOP:
+        raise ConfigError(f"unknown on_noop {on_noop!r}; valid values are {', '.join(ON_NOOP)}.")
+    st = _state(qmodel)
+    if st.plan is None:
+        return
+    quantized = [u for u, f in st.plan.resolve(st.kinds).items() if f != "fp32"]
+    failure, note, ran = judge_not_run(quantized, st.not_run)
+    if failure is None and batch is not None and ran and _output_unchanged(qmodel, batch):
+        failure = (f"the model's output under the plan is bit-identical to its output with every unit fp32 on the "
+                   f"first calibration batch, although {len(ran)} quantized unit(s) ran ({describe(ran)}): the "
+                   f"quantization does not reach the output (a forward that discards their outputs, or computes "
+                   f"with the float weights elsewhere).")
+    if note:
+        warnings.warn(note, QuantNotAppliedWarning, stacklevel=3)
+    if failure and on_noop == "error":
+        raise QuantNotAppliedError(f"{failure} Pass on_noop='warn' to go on anyway.")
+    if failure:
+        warnings.warn(failure, QuantNotAppliedWarning, stacklevel=3)
+
+
+def _output_unchanged(qmodel: nn.Module, batch: Any) -> Optional[bool]:
+    """Is the output under the active plan bit-identical to the all-fp32 output (eval mode, modes restored)?"""
+    modes = [(m, m.training) for m in qmodel.modules()]
+    qmodel.eval()
+    try:
+        with torch.no_grad():
+            out = call_model(qmodel, batch)
+            with applied(qmodel, "fp32"):
+                ref = call_model(qmodel, batch)
+    finally:
+        for m, t in modes:
+            m.training = t
+    return outputs_identical(out, ref)
 
 
 def set_plan(qmodel: nn.Module, plan: QuantPlan | str | dict) -> dict[str, str]:
@@ -342,7 +438,8 @@ def quantize(model: nn.Module, plan_or_format: QuantPlan | str | dict = "int8", 
              calib_data: Optional[Iterable] = None, calib_method: Optional[str] = None,
              formats: Sequence[str] = (), mode: str = "auto", concrete_args: Optional[dict] = None,
              preserved_attributes: Sequence[str] = (), fold_bn: Optional[bool] = None,
-             custom_modules: CustomModules = None, progress: Optional[str] = None) -> nn.Module:
+             custom_modules: CustomModules = None, progress: Optional[str] = None,
+             on_noop: str = "error") -> nn.Module:
     """Return a calibrated fake-quant copy of ``model`` running ``plan_or_format``.
 
     Args:
@@ -356,13 +453,18 @@ def quantize(model: nn.Module, plan_or_format: QuantPlan | str | dict = "int8", 
         concrete_args / preserved_attributes / fold_bn: FX options.
         custom_modules: ``{float class: quant class or None}`` for a user's own layers (see ``prepare``).
         progress: label of a progress bar over the calibration batches (shown on a terminal), or None.
+        on_noop: "error" or "warn" when the quantization does not happen (``check_applied``: units the
+            plan quantizes never ran during calibration, or the output equals the float output).
 
     Returns:
         The quantized model; ``model.mixq`` holds its QuantState.
 
     Raises:
-        MixqError subclasses for a bad plan, backend, calibration data or model.
+        MixqError subclasses for a bad plan, backend, calibration data or model;
+        QuantNotAppliedError: the quantization does not happen (``on_noop="error"``).
     """
+    if on_noop not in ON_NOOP:
+        raise ConfigError(f"unknown on_noop {on_noop!r}; valid values are {', '.join(ON_NOOP)}.")
     if isinstance(plan_or_format, str):
         plan = QuantPlan.uniform(plan_or_format, backend or "ort-cpu", check_calib_method(calib_method or "max"))
     else:
@@ -382,12 +484,14 @@ def quantize(model: nn.Module, plan_or_format: QuantPlan | str | dict = "int8", 
     if needs_data and calib_data is None:
         raise CalibrationError(f"calib_data is required to calibrate activations for {', '.join(st.formats)}: "
                                "pass an iterable of input batches.")
+    first = None
     if calib_data is not None:
-        calibrate(qmodel, calib_data, method, progress)
+        _, first = _calibrate(qmodel, calib_data, method, progress)
     else:
         for m in qmodel.modules():
             if isinstance(m, QuantMixin):
                 m.calibrate_weights()
         st.calibrated = True
     set_plan(qmodel, plan)
+    check_applied(qmodel, first, on_noop)
     return qmodel
