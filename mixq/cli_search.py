@@ -102,6 +102,7 @@ def options_of(args: argparse.Namespace):
 
 def cmd_search(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable) -> int:
     from mixq import search_run
+    from mixq.formats import get_backend
     from mixq.search.storage import dashboard_url, describe_storage, open_storage
 
     opts = options_of(args)
@@ -109,15 +110,18 @@ def cmd_search(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable
     if backend != "ort-cpu":
         raise MixqError(f"mixq search measures latency on ONNX Runtime CPU here; --backend {backend} needs its engine "
                         "(TensorRT), which this command does not drive yet; use --backend ort-cpu.")
+    be = get_backend(backend)
+    useless = [f for f in opts.formats if not any(f in fs for fs in be.formats.values())]
+    if useless:
+        raise MixqError(f"format(s) {', '.join(useless)} run on no unit kind of {be.name}; formats it runs: "
+                        f"{', '.join(sorted({f for fs in be.formats.values() for f in fs if f != 'fp32'}))}.")
     task = task_of(args)
     d = Path(run_dir_of(args, task))
     default = d / search_run.JOURNAL
-    storage = open_storage(opts.storage, default)
     lock = search_run.lock_run_dir(d)
     try:
-        if opts.storage is None:
-            # A writer killed inside Optuna's journal lock leaves the lock file; we hold the run folder.
-            Path(str(default) + ".lock").unlink(missing_ok=True)
+        # the run folder is ours: a journal lock file there was left by a killed search
+        storage = open_storage(opts.storage, default, exclusive=opts.storage is None)
         summary = search_run.run(task, d, backend, opts, storage, describe_storage(opts.storage, default),
                                  dashboard_url(opts.storage, default))
     finally:

@@ -25,6 +25,8 @@ JOURNAL_SUFFIXES = (".journal", ".log", ".jsonl")
 _RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql")
 _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<rest>.*)$")
 FINGERPRINT_ATTR = "mixq_fingerprint"
+_DRIVERS = {"postgresql": "psycopg2", "postgres": "psycopg2", "mysql": "pymysql or mysqlclient",
+            "mariadb": "pymysql or mariadb", "oracle": "oracledb", "mssql": "pyodbc"}
 
 _PART_WORDS = {"model": "the model (weights or code)", "calib_data": "the calibration data",
                "eval_data": "the search-split data", "metric": "the metric", "task": "the task",
@@ -69,13 +71,16 @@ def dashboard_url(url: Optional[str], default_path: Path) -> str:
     return mask_url(url)
 
 
-def open_storage(url: Optional[str], default_path: Path) -> Any:
+def open_storage(url: Optional[str], default_path: Path, exclusive: bool = False) -> Any:
     """Open an Optuna storage.
 
     Args:
         url: None (a journal file at ``default_path``), an RDB URL (``sqlite:///run/study.db``,
             ``postgresql://user:pw@host/db``), or a journal file path (``run/study.journal``).
         default_path: the journal file used when ``url`` is None.
+        exclusive: the caller holds the only right to write this journal (e.g. it locked the run folder): a
+            journal lock file left by a writer killed while it held it is removed (Optuna would wait 30 s and
+            then break it).
 
     Returns:
         An Optuna ``BaseStorage``.
@@ -99,6 +104,8 @@ def open_storage(url: Optional[str], default_path: Path) -> Any:
             raise ConfigError(f"storage {str(path)!r}: its folder {str(path.parent)!r} does not exist ({valid}).")
         if not os.access(path.parent, os.W_OK):
             raise ConfigError(f"storage {str(path)!r}: its folder is not writable ({valid}).")
+        if exclusive:
+            Path(str(path) + ".lock").unlink(missing_ok=True)
         try:
             return JournalStorage(JournalFileBackend(str(path)))
         except Exception as e:  # an unreadable journal (not Optuna's format) raises several types
@@ -114,8 +121,9 @@ def open_storage(url: Optional[str], default_path: Path) -> Any:
                               f"({valid}).")
     try:
         return optuna.storages.RDBStorage(url)
-    except ModuleNotFoundError as e:
-        raise ConfigError(f"storage {mask_url(url)!r} needs the Python package {e.name!r} (its database driver), "
+    except ImportError as e:  # Optuna re-raises a missing driver as a plain ImportError
+        driver = getattr(e, "name", None) or _DRIVERS.get(scheme, "its database driver")
+        raise ConfigError(f"storage {mask_url(url)!r} needs the Python package {driver} (the {scheme} driver), "
                           f"which is not installed; install it or use a journal file ({valid}).") from None
     except Exception as e:  # sqlalchemy's ArgumentError / OperationalError, ValueError ...
         first = str(e).splitlines()[0] if str(e) else ""
