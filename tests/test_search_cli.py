@@ -177,6 +177,7 @@ def _kill_when(proc, journal: Path, study: str, complete: int, timeout: float = 
         if states.count(TrialState.COMPLETE) >= complete and TrialState.RUNNING in states:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+            proc.stdout.close()
             return
         time.sleep(0.2)
     proc.kill()
@@ -360,3 +361,51 @@ def test_budgets_no_plan_can_meet_or_every_plan_meets_are_refused_with_the_plans
     assert main(_search(d, "--budget", "1000ms")) == 2
     err = capsys.readouterr().err
     assert "trivially met by FP32" in err and "all-int8" in err
+
+
+def test_the_command_killed_mid_study_resumes_when_run_again(tmp_path):
+    from optuna.trial import TrialState
+
+    d = tmp_path / "run"
+    argv = [sys.executable, "-m", "mixq.cli", *_search(d, "--front", "--trials", "14", "--no-random-baseline")]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    journal = d / "search-study.journal"
+    _kill_when(proc, journal, "test_search_cli-front", complete=4, timeout=120)
+    first = {t.number: (t.params, t.values) for t in _trials(journal, "test_search_cli-front")
+             if t.state == TrialState.COMPLETE}
+    res = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "calibrated model from" in res.stdout, "the calibration was not reused"
+    trials = _trials(journal, "test_search_cli-front")
+    done = {t.number: (t.params, t.values) for t in trials if t.state == TrialState.COMPLETE}
+    assert len(done) == 14 and all(done[n] == v for n, v in first.items())
+    assert [t.state for t in trials].count(TrialState.FAIL) == 1, "the trial running at the kill is marked failed"
+    labels = [t.user_attrs.get("baseline") for t in trials if t.state == TrialState.COMPLETE]
+    assert len([x for x in labels if x]) == len(set(x for x in labels if x)), "a baseline ran twice"
+    out = json.loads((d / "search.json").read_text())
+    assert out["search"]["resumed"]["finished_before"] == len(first)
+    front = json.loads((d / "search-front.json").read_text())
+    assert front and (d / "search-front.csv").is_file() and not (d / "search-best.json").exists()
+
+
+def test_the_report_module_runs_without_torch(searched, tmp_path):
+    code = textwrap.dedent(f"""
+        import sys
+        class _NoTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this test")
+        sys.meta_path.insert(0, _NoTorch())
+        import json
+        from pathlib import Path
+        from mixq.search_report import write_artifacts
+        summary = json.loads(Path({str(searched / 'search.json')!r}).read_text())
+        paths = write_artifacts(summary, Path({str(tmp_path)!r}))
+        assert "torch" not in sys.modules
+        print(sorted(paths))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "search.md").read_text() == (searched / "search.md").read_text()
