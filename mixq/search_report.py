@@ -207,6 +207,17 @@ def markdown(summary: dict, paths: dict) -> str:
                                                 if best["margin_ms"] is not None else "."), ""]
     elif limit is not None:
         L += ["## Result", "", "The study found no plan within the budget.", ""]
+    front = summary["search"]["front"] if summary.get("front") else []
+    if front:
+        L += ["## Metric/latency front of the study", "",
+              f"{len(front)} plans no other evaluated plan beats on both (search split, latency as measured in the "
+              "search; `search-front.csv`).", "", "| trial | source | low units | latency ms | x FP32 | metric |",
+              "|---:|---|---:|---:|---:|---:|"]
+        for r in front:
+            low = sum(f != "fp32" for f in r["assignment"].values())
+            L.append(f"| {r['number']} | {r['source']} | {low}/{len(r['assignment'])} | {r['latency_ms']:.3f} | "
+                     f"{r['latency_ms'] / summary['fp32_ms']:.2f} | {r['metric']:.2f} |")
+        L.append("")
     L += ["## Every reported plan", "",
           f"Test split (never seen by the search; FP32 {rt['fp32_metric']:.2f}). Latency re-timed in a new process: "
           f"{rt['rounds']} rounds of {rt['runs']} runs, each plan right after an FP32 run; `x FP32` is the median "

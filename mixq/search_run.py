@@ -349,12 +349,13 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
 
     t0 = time.perf_counter()
     reported = dict(base)
-    if rand is not None:
+    # Without a budget there is no "best" plan: the front is the answer (search-front.json, the chart).
+    if rand is not None and limit is not None:
         if rand.best is not None:
             reported[f"random search ({opts.trials} trials)"] = rand.best.assignment
         elif limit is not None:
             notes.append(f"random search: none of its {opts.trials} trials found a plan within the budget")
-    if res.best is not None:
+    if res.best is not None and limit is not None:
         reported["searched"] = res.best.assignment
         if any(params.values()):
             bits = baselines.effective_bits(res.best.assignment, params)

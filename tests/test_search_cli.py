@@ -413,3 +413,15 @@ def test_the_report_module_runs_without_torch(searched, tmp_path):
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "search.md").read_text() == (searched / "search.md").read_text()
+
+
+def test_fresh_discards_a_stale_cache_and_study_and_starts_over(searched, tmp_path):
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(searched, d)
+    other = [*SPECS[:5], "test_search_cli:other_eval_data", *SPECS[6:]]
+    assert main(_search(d, "--budget", "0.8x", "--trials", "6", "--fresh", "--no-random-baseline", specs=other)) == 0
+    out = json.loads((d / "search.json").read_text())
+    assert out["search"]["resumed"]["finished_before"] == 0 and len(out["search"]["records"]) == 6
+    assert out["random"] is None and not any(r["plan"].startswith("random") for r in out["rows"])
