@@ -148,7 +148,8 @@ def metric(a):
 
 space = c_space()
 res = run_search(space, metric, c_latency, 20, Budget.parse("0.95x"), warm_start=c_warm(space),
-                 storage=open_storage({journal!r}, Path({journal!r}), exclusive=True), study_name="s", exclusive=True,
+                 storage=open_storage({journal!r}, Path({journal!r}), exclusive={exclusive}), study_name="s",
+                 exclusive={exclusive},
                  fingerprint={{"problem": "constructed"}}, sampler="random")
 print(json.dumps(res.resumed))
 """
@@ -184,11 +185,14 @@ def _kill_when(proc, journal: Path, study: str, complete: int, timeout: float = 
     raise AssertionError("the study did not reach the kill point in time")
 
 
-def test_a_study_killed_mid_trial_resumes_without_losing_a_finished_trial(tmp_path):
+@pytest.mark.parametrize("exclusive", [True, False], ids=["run-folder-locked", "shared-storage"])
+def test_a_study_killed_mid_trial_resumes_without_losing_a_finished_trial(tmp_path, exclusive):
+    """Locked run folder: every RUNNING trial is a dead process's. Shared storage: the trial's recorded worker
+    (host, pid, start time) is checked."""
     from optuna.trial import TrialState
 
     journal, log = tmp_path / "s.journal", tmp_path / "evaluated.jsonl"
-    code = SCRIPT.format(tests=str(TESTS), log=str(log), journal=str(journal))
+    code = SCRIPT.format(tests=str(TESTS), log=str(log), journal=str(journal), exclusive=exclusive)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
@@ -425,3 +429,17 @@ def test_fresh_discards_a_stale_cache_and_study_and_starts_over(searched, tmp_pa
     out = json.loads((d / "search.json").read_text())
     assert out["search"]["resumed"]["finished_before"] == 0 and len(out["search"]["records"]) == 6
     assert out["random"] is None and not any(r["plan"].startswith("random") for r in out["rows"])
+
+
+def test_a_trial_s_worker_is_known_dead_only_when_its_process_is_gone():
+    from mixq.search.storage import is_dead, worker_id
+
+    me = worker_id()
+    assert is_dead(me) is False
+    child = subprocess.Popen([sys.executable, "-c", "import json, sys; sys.path.insert(0, %r); "
+                              "from mixq.search.storage import worker_id; print(json.dumps(worker_id()))" % str(ROOT)],
+                             stdout=subprocess.PIPE, text=True)
+    gone = json.loads(child.communicate()[0])
+    assert gone["pid"] != me["pid"] and is_dead(gone) is True
+    assert is_dead({**me, "start": "1"}) is True, "a reused pid is another process"
+    assert is_dead({**me, "host": "elsewhere"}) is None and is_dead(None) is None

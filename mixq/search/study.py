@@ -246,7 +246,8 @@ def run_search(space: SearchSpace, evaluate: Callable[[Assignment], float], late
     me = worker_id()
 
     def objective(trial, t_ask: float, s_ask: float) -> tuple:
-        trial.set_user_attr("worker", me)
+        if not exclusive:  # another process may resume the study: say who runs this trial (one more write)
+            trial.set_user_attr("worker", me)
         a = space.suggest(trial)
         k = PlanCache.key(a)
         source = trial.user_attrs.get("baseline") or sampler
