@@ -40,7 +40,7 @@ def register(sub, add_task_args: Callable, task_of: Callable, run_dir_of: Callab
     p.add_argument("--formats", default="int8", help="comma-separated low formats of the space (default int8)")
     p.add_argument("--runs", type=int, default=50, help="timed runs per latency measurement in the search (median; "
                                                      "default 50)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of the fresh-process re-timing (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of the fresh-process re-timing (default 5)")
     p.add_argument("--retime-seconds", type=float, default=0.2,
                    help="each fresh-process measurement runs at least this long (default 0.2 s)")
     p.add_argument("--calib-method", default="max", help="max (default), entropy, percentile or mse")

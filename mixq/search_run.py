@@ -39,7 +39,7 @@ class SearchOptions:
     seed: int = 0
     formats: list = field(default_factory=lambda: ["int8"])
     runs: int = 50
-    rounds: int = 3
+    rounds: int = 5
     retime_seconds: float = 0.2
     calib_method: str = "max"
     storage: Optional[str] = None
