@@ -290,6 +290,7 @@ _PLAIN_FORMAT = warnings.formatwarning
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for reports
     warnings.formatwarning = _format_warning
     try:
         return args.func(args)

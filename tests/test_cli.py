@@ -145,11 +145,13 @@ def test_quantize_says_what_was_realised_and_refuses_a_format_no_unit_runs_befor
 
 
 def test_search_reports_baselines_and_the_searched_plan_on_the_test_split(tmp_path, capsys):
-    argv = ["search", *SPECS, "--run-dir", str(tmp_path), "--budget", "0.95x", "--trials", "6", "--runs", "3"]
+    # --front: this model runs in about 0.05 ms, where a budget would be judged on timer noise
+    argv = ["search", *SPECS, "--run-dir", str(tmp_path), "--front", "--trials", "6", "--runs", "3",
+            "--retime-seconds", "0.02", "--no-progress"]
     assert main(argv) == 0
     out = json.loads((tmp_path / "search.json").read_text())
     names = [r["plan"] for r in out["rows"]]
-    assert names[:3] == ["fp32", "all-int8", "weighted-only int8"] and "greedy fallback" in names
+    assert names[:3] == ["fp32", "all-int8", "weighted-only int8"] and "searched" not in names
     assert len(out["search"]["records"]) == 6 and out["search"]["records"][0]["source"] == "fp32"
     assert (tmp_path / "search.md").is_file() and "test split" in capsys.readouterr().out
 

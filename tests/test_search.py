@@ -168,7 +168,7 @@ def test_the_search_package_imports_no_torch():
             "        if name == 'torch' or name.startswith('torch.'):\n"
             "            raise ImportError('torch is blocked in this test')\n"
             "sys.meta_path.insert(0, Block())\n"
-            "import mixq.search, mixq.search.baselines, mixq.search.study\n"
+            "import mixq.search, mixq.search.baselines, mixq.search.study, mixq.search.storage, mixq.search.records\n"
             "assert 'torch' not in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -150,6 +150,18 @@ def weight_bits(space: SearchSpace, scores: Mapping[str, Mapping[str, float]], p
     return _milp_choice(space, cost, weight, effective_bits * total - fixed)
 
 
+def effective_bits(assignment: Mapping[str, str], params: Mapping[str, int]) -> float:
+    """Mean weight bits of a plan, weighted by each unit's weight count (ModelOpt's "effective bits").
+
+    Raises:
+        ConfigError: every unit of the plan has zero weights.
+    """
+    total = sum(int(params.get(u, 0)) for u in assignment)
+    if total == 0:
+        raise ConfigError("effective bits need parameter counts of the units; every count was zero.")
+    return sum(int(params.get(u, 0)) * get_format(f).weight_bits for u, f in assignment.items()) / total
+
+
 def random_plans(space: SearchSpace, n: int, seed: int = 0) -> list[Assignment]:
     """``n`` plans drawn uniformly from the space (seeded)."""
     rng = _random.Random(seed)

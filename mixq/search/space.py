@@ -119,6 +119,24 @@ class SearchSpace:
                 out[u] = f
         return out
 
+    def from_params(self, params: Mapping[str, str]) -> Assignment:
+        """The plan ``{unit: format}`` a trial's parameters give (units not searched stay fp32).
+
+        Raises:
+            ConfigError: a parameter this space does not have, or a choice outside it.
+        """
+        out = {u: "fp32" for u in self.kinds}
+        known = {name: (units, choices) for name, units, choices in self.parameters()}
+        for name, f in params.items():
+            if name not in known:
+                raise ConfigError(f"parameter {name!r} is not in this search space{did_you_mean(str(name), known)}")
+            units, choices = known[name]
+            if f not in choices:
+                raise ConfigError(f"parameter {name!r} cannot take {f!r}; its choices are {', '.join(choices)}.")
+            for u in units:
+                out[u] = f
+        return out
+
     def params_of(self, assignment: Mapping[str, str]) -> dict[str, str]:
         """The trial parameters that give ``assignment`` (for ``study.enqueue_trial``).
 

@@ -5,18 +5,28 @@ API (``trial.set_constraint``; a trial is feasible when the value is <= 0) and s
 only on plans that are not clearly over budget. With ``front=True`` the study has two objectives (metric up,
 latency down) and returns the Pareto front. Samplers are Optuna's, chosen by name and seeded; storage is any
 Optuna storage (None: in memory).
+
+Resuming: everything a trial found (latency, metric, timings) is written to its user attrs before it is told,
+so a study in a persistent storage is resumed by running the same call again: finished trials count towards
+``n_trials`` and fill the plan caches (no plan is measured or evaluated twice), a RUNNING trial left by a dead
+process is marked FAIL (and re-enqueued when it was a fixed plan, e.g. a baseline), and baselines already in
+the study are not enqueued again.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 from mixq.errors import ConfigError, did_you_mean
 from mixq.search.budget import Budget
+from mixq.search.records import SearchResult, TrialRecord, best_feasible, best_so_far, pareto_front
 from mixq.search.space import Assignment, SearchSpace
+from mixq.search.storage import check_fingerprint, is_dead, worker_id
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
+ATTR = "mixq"  # the user attr holding what a trial found
 
 
 def make_sampler(name: str, seed: int = 0, front: bool = False) -> Any:
@@ -29,109 +39,145 @@ def make_sampler(name: str, seed: int = 0, front: bool = False) -> Any:
     Raises:
         ConfigError: an unknown name, with the valid ones.
     """
-    import warnings
-
     import optuna
 
-    if name == "tpe":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {name!r}; valid samplers are {', '.join(SAMPLERS)}."
+                          f"{did_you_mean(name, SAMPLERS)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "tpe":
             return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    if name == "random":
+        if name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed)
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed)
         return optuna.samplers.RandomSampler(seed=seed)
-    raise ConfigError(f"unknown sampler {name!r}; valid samplers are {', '.join(SAMPLERS)}.{did_you_mean(name, SAMPLERS)}")
 
 
 @dataclass
-class TrialRecord:
-    """One plan the search looked at.
+class PlanCache:
+    """Metric and latency of plans already looked at, keyed by the full assignment (shared between studies)."""
 
-    Attributes:
-        number: Optuna trial number (-1 for plans measured outside the study).
-        source: "tpe", "random" ... or the name of an enqueued baseline.
-        assignment: {unit: format}.
-        latency_ms: measured latency.
-        metric: metric on the search split, or None when the plan was clearly over budget and not evaluated.
-        feasible: latency within the budget (always True without a budget).
-        evaluate_s / measure_s: seconds spent evaluating / measuring for this trial (0 when cached).
+    metrics: dict = field(default_factory=dict)
+    latencies: dict = field(default_factory=dict)
+
+    @staticmethod
+    def key(a: Mapping[str, str]) -> tuple:
+        return tuple(sorted(a.items()))
+
+
+class _StorageClock:
+    """Seconds spent inside the storage's methods (each public method of the instance is wrapped once)."""
+
+    def __init__(self, storage: Any) -> None:
+        self.seconds = 0.0
+        if storage is None or getattr(storage, "_mixq_clock", None) is not None:
+            self._shared = getattr(storage, "_mixq_clock", None)
+            return
+        self._shared = None
+        from optuna.storages import BaseStorage
+
+        for name in dir(BaseStorage):
+            if name.startswith("_") or not callable(getattr(storage, name, None)):
+                continue
+            setattr(storage, name, self._timed(getattr(storage, name)))
+        storage._mixq_clock = self
+
+    def _timed(self, fn: Callable) -> Callable:
+        def call(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds += time.perf_counter() - t
+        return call
+
+    def now(self) -> float:
+        return (self._shared or self).seconds
+
+
+def _stale_running(study: Any, exclusive: bool) -> tuple[list, list]:
+    """Mark the RUNNING trials of dead processes FAIL; re-enqueue those that ran a fixed plan.
+
+    Returns:
+        (numbers failed, numbers of trials whose worker is unknown or on another host and were left alone).
     """
+    from optuna.trial import TrialState
 
-    number: int
-    source: str
-    assignment: dict
-    latency_ms: float
-    metric: Optional[float]
-    feasible: bool
-    evaluate_s: float = 0.0
-    measure_s: float = 0.0
-
-    @property
-    def low_units(self) -> int:
-        return sum(f != "fp32" for f in self.assignment.values())
-
-
-@dataclass
-class SearchResult:
-    """What a search found.
-
-    Attributes:
-        fp32_ms / limit_ms: FP32 latency measured in this session and the budget in ms (None without one).
-        records: every trial, in order.
-        best: the feasible evaluated plan with the highest metric (lower latency breaks ties), or None.
-        front: the Pareto-optimal evaluated plans (metric up, latency down), by latency.
-        timing: seconds spent evaluating, measuring, and in Optuna (sampler + storage), and their shares.
-    """
-
-    fp32_ms: float
-    limit_ms: Optional[float]
-    records: list = field(default_factory=list)
-    best: Optional[TrialRecord] = None
-    front: list = field(default_factory=list)
-    timing: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"fp32_ms": self.fp32_ms, "limit_ms": self.limit_ms, "timing": self.timing,
-                "best": None if self.best is None else asdict(self.best),
-                "front": [asdict(r) for r in self.front], "records": [asdict(r) for r in self.records]}
-
-
-def pareto_front(records: list[TrialRecord]) -> list[TrialRecord]:
-    """Evaluated records no other record beats on both metric (higher) and latency (lower), by latency."""
-    done = [r for r in records if r.metric is not None]
-    front, seen = [], set()
-    for r in sorted(done, key=lambda r: (r.latency_ms, -r.metric)):
-        key = tuple(sorted(r.assignment.items()))
-        if key in seen:
+    failed, left = [], []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        dead = True if exclusive else is_dead(t.user_attrs.get("worker"))
+        if dead is not True:
+            left.append(t.number)
             continue
-        if not front or r.metric > front[-1].metric:
-            front.append(r)
-            seen.add(key)
-    return front
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        failed.append(t.number)
+        fixed = t.system_attrs.get("fixed_params")
+        if fixed is not None:
+            attrs = {k: v for k, v in t.user_attrs.items() if k in ("baseline",)}
+            study.enqueue_trial(dict(fixed), user_attrs={**attrs, "retry_of": t.number})
+    return failed, left
 
 
-def best_feasible(records: list[TrialRecord]) -> Optional[TrialRecord]:
-    ok = [r for r in records if r.feasible and r.metric is not None]
-    return max(ok, key=lambda r: (r.metric, -r.latency_ms)) if ok else None
+def _record(t: Any, space: SearchSpace, sampler: str) -> Optional[TrialRecord]:
+    info = t.user_attrs.get(ATTR)
+    if info is None:
+        return None
+    return TrialRecord(t.number, info.get("source", sampler), space.from_params(t.params), float(info["latency_ms"]),
+                       info.get("metric"), bool(info["feasible"]), float(info.get("evaluate_s", 0.0)),
+                       float(info.get("measure_s", 0.0)), float(info.get("storage_s", 0.0)),
+                       float(info.get("sampler_s", 0.0)), bool(info.get("screened", False)))
+
+
+def finished_records(study: Any, space: SearchSpace, sampler: str = "") -> list[TrialRecord]:
+    """Every COMPLETE trial of ``study`` as a TrialRecord, by number."""
+    from optuna.trial import TrialState
+
+    recs = [_record(t, space, sampler) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    return sorted((r for r in recs if r is not None), key=lambda r: r.number)
+
+
+def _enqueue_baselines(study: Any, space: SearchSpace, warm_start: Mapping[str, Assignment]) -> list[str]:
+    """Enqueue each distinct baseline plan once (names of identical plans joined by " = "), unless the study
+    already holds it (a resumed study). Returns the labels enqueued now."""
+    from optuna.trial import TrialState
+
+    groups: dict[tuple, list[str]] = {}
+    params_of = {}
+    for name, plan in warm_start.items():
+        p = space.params_of(plan)
+        k = tuple(sorted(p.items()))
+        groups.setdefault(k, []).append(name)
+        params_of[k] = p
+    present = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)
+               if t.state != TrialState.FAIL}
+    new = []
+    for k, names in groups.items():
+        label = " = ".join(names)
+        if label not in present:
+            study.enqueue_trial(params_of[k], user_attrs={"baseline": label})
+            new.append(label)
+    return new
 
 
 def run_search(space: SearchSpace, evaluate: Callable[[Assignment], float], latency: Callable[[Assignment], float],
                n_trials: int, budget: Optional[Budget] = None, front: bool = False, sampler: str = "tpe",
                seed: int = 0, warm_start: Optional[Mapping[str, Assignment]] = None, storage: Any = None,
                study_name: Optional[str] = None, over_budget_slack: float = 0.05,
-               screen: Optional[Callable[[Assignment], float]] = None, progress: bool = False) -> SearchResult:
+               screen: Optional[Callable[[Assignment], float]] = None, progress: bool = False,
+               fingerprint: Optional[Mapping[str, Any]] = None, storage_text: str = "the storage",
+               exclusive: bool = False, cache: Optional[PlanCache] = None, fp32_ms: Optional[float] = None,
+               label: str = "search") -> SearchResult:
     """Search ``space`` for the plan with the best metric under ``budget`` (or the metric/latency front).
 
     Args:
         space: the per-unit choices.
         evaluate: plan -> task metric on the search split (higher is better, e.g. percent).
         latency: plan -> milliseconds (any LatencyModel; measured, cached by plan).
-        n_trials: trials to run in this call (enqueued baselines count).
-        budget: latency budget; required unless ``front``.
-        front: two objectives (metric, latency) instead of a constrained single objective.
+        n_trials: finished trials the study should hold (enqueued baselines and trials of earlier sessions count).
+        budget: latency budget; required unless ``front`` (with ``front`` it marks the feasible plans).
+        front: two objectives (metric, latency) instead of a constrained single objective; every plan is evaluated.
         sampler: one of ``SAMPLERS``; seed: its seed.
         warm_start: name -> plan, enqueued as the first trials (the baselines).
         storage / study_name: an Optuna storage (None: in memory) and study name.
@@ -139,15 +185,25 @@ def run_search(space: SearchSpace, evaluate: Callable[[Assignment], float], late
             evaluated (it cannot be chosen; latency noise is a few percent).
         screen: optional predictor plan -> ms; a plan it predicts over ``(1 + 2 * slack)`` x budget is
             neither measured nor evaluated (recorded as infeasible with the predicted latency).
-        progress: show Optuna's progress bar.
+        progress: a progress bar with the best feasible metric so far.
+        fingerprint: what the trials mean (model, data, backend, budget ...): recorded on a new study, checked
+            on an existing one.
+        storage_text: the storage as messages should name it (no password).
+        exclusive: this process is the only one using the study (the run folder is locked), so every RUNNING
+            trial found is a dead process's; otherwise only trials whose worker is known dead are failed.
+        cache: plan caches shared with other studies of the same problem (filled from this study's trials).
+        fp32_ms: the FP32 latency the budget is relative to (default: ``latency`` of the all-fp32 plan).
+        label: name of the progress bar.
 
     Returns:
-        A SearchResult.
+        A SearchResult over every finished trial of the study.
 
     Raises:
-        ConfigError: no budget in single-objective mode, bad counts or slack.
+        ConfigError: no budget in single-objective mode, bad counts, slack or sampler, a study made for
+            another search (fingerprint).
     """
     import optuna
+    from optuna.trial import TrialState
 
     if n_trials < 1:
         raise ConfigError(f"n_trials must be at least 1, but got {n_trials}.")
@@ -156,53 +212,114 @@ def run_search(space: SearchSpace, evaluate: Callable[[Assignment], float], late
                           "or ask for the metric/latency front.")
     if not 0 <= over_budget_slack < 1:
         raise ConfigError(f"over_budget_slack must be in [0, 1), but got {over_budget_slack}.")
+    sampler_obj = make_sampler(sampler, seed, front)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if isinstance(storage, optuna.storages.RDBStorage):
+        # Optuna puts its cache in front of an RDB storage; time the cache's calls, not the backend's internals.
+        storage = optuna.storages._CachedStorage(storage)
+    clock = _StorageClock(storage)
+    directions = ["maximize", "minimize"] if front else ["maximize"]
+    study = optuna.create_study(storage=storage, study_name=study_name, directions=directions, sampler=sampler_obj,
+                                load_if_exists=True)
+    if list(study.directions) != [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else
+                                  optuna.study.StudyDirection.MINIMIZE for d in directions]:
+        raise ConfigError(f"study {study.study_name!r} in {storage_text} has {len(study.directions)} objective(s); "
+                          f"this search has {len(directions)} ({'--front' if front else 'a budget'}); give another "
+                          "--study name.")
+    if fingerprint is not None:
+        check_fingerprint(study, fingerprint, storage_text)
+    cache = cache if cache is not None else PlanCache()
+    failed, left = _stale_running(study, exclusive)
+    before = finished_records(study, space, sampler)
+    for r in before:
+        k = PlanCache.key(r.assignment)
+        if not r.screened:
+            cache.latencies.setdefault(k, r.latency_ms)
+        if r.metric is not None:
+            cache.metrics.setdefault(k, r.metric)
+    enqueued = _enqueue_baselines(study, space, warm_start or {})
     fp32_plan = {u: "fp32" for u in space.kinds}
-    fp32_ms = float(latency(fp32_plan))
+    if fp32_ms is None:
+        fp32_ms = cache.latencies.get(PlanCache.key(fp32_plan))
+        fp32_ms = float(latency(fp32_plan)) if fp32_ms is None else fp32_ms
     limit = budget.limit_ms(fp32_ms) if budget is not None else None
-    metrics: dict[tuple, float] = {}
-    records: list[TrialRecord] = []
-    marks = {"optuna_s": 0.0, "last_end": None}
+    me = worker_id()
 
-    def objective(trial):
-        start = time.perf_counter()
-        if marks["last_end"] is not None:
-            marks["optuna_s"] += start - marks["last_end"]
+    def objective(trial, t_ask: float, s_ask: float) -> tuple:
+        if not exclusive:  # another process may resume the study: say who runs this trial (one more write)
+            trial.set_user_attr("worker", me)
         a = space.suggest(trial)
-        key = tuple(a.values())
+        k = PlanCache.key(a)
         source = trial.user_attrs.get("baseline") or sampler
         t0 = time.perf_counter()
-        screened = screen is not None and limit is not None and screen(a) > limit * (1 + 2 * over_budget_slack)
-        ms = float(screen(a)) if screened else float(latency(a))
+        ms, screened = cache.latencies.get(k), False
+        if ms is None and screen is not None and limit is not None:
+            predicted = float(screen(a))
+            screened = predicted > limit * (1 + 2 * over_budget_slack)
+            ms = predicted if screened else None
+        if ms is None:
+            ms = float(latency(a))
+            cache.latencies[k] = ms
         t1 = time.perf_counter()
         feasible = limit is None or ms <= limit
-        if limit is not None:
-            trial.set_constraint("latency", ms - limit)
-        metric = metrics.get(key)
+        metric = cache.metrics.get(k)
         if metric is None and not screened and (limit is None or front or ms <= limit * (1 + over_budget_slack)):
             metric = float(evaluate(a))
-            metrics[key] = metric
-        t2 = time.perf_counter()
-        trial.set_user_attr("latency_ms", ms)
-        trial.set_user_attr("evaluated", metric is not None)
-        records.append(TrialRecord(trial.number, source, a, ms, metric, feasible, t2 - t1, t1 - t0))
-        marks["last_end"] = time.perf_counter()
+            cache.metrics[k] = metric
+            t2 = time.perf_counter()
+        else:
+            t1 = t2 = time.perf_counter()  # nothing evaluated: no evaluation time
+        if limit is not None:
+            trial.set_constraint("latency", ms - limit)
+        storage_s = clock.now() - s_ask
+        sampler_s = max((time.perf_counter() - t_ask) - (t2 - t0) - storage_s, 0.0)
+        trial.set_user_attr(ATTR, {"source": source, "latency_ms": ms, "metric": metric, "feasible": feasible,
+                                   "screened": screened, "evaluate_s": t2 - t1, "measure_s": t1 - t0,
+                                   "storage_s": storage_s, "sampler_s": sampler_s})
         value = metric if metric is not None else 0.0  # never chosen: the constraint marks it infeasible
-        return (value, ms) if front else value
+        return TrialRecord(trial.number, source, a, ms, metric, feasible, t2 - t1, t1 - t0, storage_s, sampler_s,
+                           screened), ((value, ms) if front else value)
 
-    directions = ["maximize", "minimize"] if front else ["maximize"]
-    study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
-                                sampler=make_sampler(sampler, seed, front), load_if_exists=True)
-    for name, plan in (warm_start or {}).items():
-        study.enqueue_trial(space.params_of(plan), user_attrs={"baseline": name}, skip_if_exists=True)
-    t_start = time.perf_counter()
-    study.optimize(objective, n_trials=n_trials, show_progress_bar=progress)
+    todo = max(n_trials - len(before), 0)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=todo, desc=label, unit="trial", leave=False, disable=None, dynamic_ncols=True)
+    records: list[TrialRecord] = []
+    best = best_so_far(before)[-1] if before else None
+    t_start, s_start = time.perf_counter(), clock.now()
+    try:
+        for _ in range(todo):
+            t_ask, s_ask = time.perf_counter(), clock.now()
+            trial = study.ask()
+            try:
+                rec, values = objective(trial, t_ask, s_ask)
+            except BaseException:
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+            study.tell(trial, values)
+            records.append(rec)
+            if rec.feasible and rec.metric is not None and not rec.screened and (best is None or rec.metric > best):
+                best = rec.metric
+            if bar is not None:
+                bar.set_postfix_str(f"best feasible {best:.2f}" if best is not None else "no feasible plan yet",
+                                    refresh=False)
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     total = time.perf_counter() - t_start
     ev = sum(r.evaluate_s for r in records)
-    me = sum(r.measure_s for r in records)
-    other = max(total - ev - me, 0.0)
-    timing = {"total_s": total, "evaluate_s": ev, "measure_s": me, "optuna_s": other, "trials": len(records),
-              "evaluated": sum(r.metric is not None for r in records),
-              "share": {k: (v / total if total else 0.0) for k, v in (("evaluate", ev), ("measure", me),
-                                                                       ("optuna", other))}}
-    return SearchResult(fp32_ms, limit, records, best_feasible(records), pareto_front(records), timing)
+    mea = sum(r.measure_s for r in records)
+    sto = clock.now() - s_start
+    other = max(total - ev - mea - sto, 0.0)
+    timing = {"total_s": total, "evaluate_s": ev, "measure_s": mea, "storage_s": sto, "sampler_s": other,
+              "trials": len(records), "evaluated": sum(r.evaluate_s > 0 for r in records), "cached_or_skipped": sum(r.evaluate_s == 0 for r in records),
+              "share": {k: (v / total if total else 0.0) for k, v in (("evaluate", ev), ("measure", mea),
+                                                                       ("storage", sto), ("sampler", other))}}
+    allrecs = finished_records(study, space, sampler)
+    resumed = {"finished_before": len(before), "stale_failed": failed, "running_left": left,
+               "baselines_enqueued": enqueued}
+    return SearchResult(fp32_ms, limit, allrecs, best_feasible(allrecs), pareto_front(allrecs), timing,
+                        study.study_name, resumed)

@@ -1,0 +1,402 @@
+"""The torch side of ``mixq search``: calibrate, sensitivity, single-unit latencies, baselines, studies, final figures.
+
+Stages (each cached in ``RUN/search-cache/`` under one fingerprint, so a rerun after a kill skips what is done):
+
+1. calibrate once for every format of the space (``save_quantized`` -> ``search-cache/calibrated``);
+2. one-at-a-time sensitivity on the search split with the Fisher proxy (``mixq scan``'s store,
+   ``search-cache/scan.jsonl``);
+3. FP32 and single-unit latencies on ONNX Runtime (``search-cache/latency.json``; every plan measured later is
+   added); the budget is checked against the fastest plan measured and against FP32;
+4. the baselines, enqueued as the first trials of the Optuna study; a random-search study with the same
+   trial count, evaluated the same way; both in the study storage, resumable;
+5. every reported plan on the test split, and re-timed in a fresh process (``mixq.search_retime``), each
+   interleaved with FP32, against the budget.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from mixq.errors import ConfigError, MixqError
+
+CACHE = "search-cache"
+JOURNAL = "search-study.journal"
+
+
+@dataclass
+class SearchOptions:
+    """What ``mixq search`` was asked (validated by the CLI)."""
+
+    budget: Any  # mixq.search.Budget or None
+    front: bool = False
+    trials: int = 40
+    sampler: str = "tpe"
+    seed: int = 0
+    formats: list = field(default_factory=lambda: ["int8"])
+    runs: int = 50
+    rounds: int = 5
+    retime_seconds: float = 0.2
+    calib_method: str = "max"
+    storage: Optional[str] = None
+    study: Optional[str] = None
+    fresh: bool = False
+    random_baseline: bool = True
+    progress: bool = True
+    command: str = ""
+    batch_axis: Any = 0
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _example_batch(batch):
+    return tuple(t[:1] for t in batch) if isinstance(batch, (tuple, list)) else batch[:1]
+
+
+def study_name(task_name: str, opts: SearchOptions) -> str:
+    """The study name: ``--study`` or ``<task>-<budget>`` (``-front`` with --front)."""
+    if opts.study:
+        return opts.study
+    b = opts.budget
+    text = "front" if b is None else (f"{b.value:g}ms" if b.unit == "ms" else f"{b.value:g}x")
+    return f"{task_name}-{text}" + ("-front" if opts.front and b is not None else "")
+
+
+def lock_run_dir(d: Path) -> Any:
+    """Hold ``RUN/search.lock`` for this process: one search per run folder.
+
+    Raises:
+        MixqError: another search holds it.
+    """
+    import fcntl
+
+    fh = open(d / "search.lock", "a")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise MixqError(f"another mixq search is running in {str(d)!r}; wait for it, or use another --run-dir.") \
+            from None
+    return fh
+
+
+def fingerprint_parts(task, model, calib, search_data, backend: str, opts: SearchOptions) -> dict:
+    """What the caches and the study depend on, each part hashed on its own (a mismatch says what changed)."""
+    import onnxruntime
+
+    from mixq.latency.stats import cpu_model
+    from mixq.sensitivity.store import digest, fingerprint
+
+    parts = fingerprint(model, calib, search_data, task.metric_fn, {})
+    parts.pop("settings", None)
+    parts.update({"task": task.name, "backend": backend, "formats": ",".join(opts.formats),
+                  "calib_method": opts.calib_method,
+                  "latency": digest(onnxruntime.__version__, cpu_model(), 1, "thread", opts.runs, str(opts.batch_axis)),
+                  "budget": str(opts.budget) if opts.budget is not None else "none",
+                  "objective": "metric+latency" if opts.front else "metric"})
+    return parts
+
+
+def _cache_parts(parts: dict) -> dict:
+    return {k: v for k, v in parts.items() if k not in ("budget", "objective")}
+
+
+def check_cache(folder: Path, parts: dict) -> None:
+    """Refuse a cache folder made for another model / data / backend; create it when missing.
+
+    Raises:
+        ConfigError: naming the parts that differ.
+    """
+    from mixq.artifacts import write_atomic
+    from mixq.search.storage import _PART_WORDS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / "fingerprint.json"
+    want = _cache_parts(parts)
+    if p.is_file():
+        old = json.loads(p.read_text())
+        changed = sorted(k for k in set(old) | set(want) if old.get(k) != want.get(k))
+        if changed:
+            raise ConfigError(f"{str(folder)!r} holds calibration, sensitivity and latencies of another search ("
+                              + ", ".join(_PART_WORDS.get(k, k) for k in changed) + " changed); pass --fresh to "
+                              "discard them, or use another --run-dir.")
+    else:
+        write_atomic(p, json.dumps(want, indent=1))
+
+
+def check_study_before_work(storage: Any, name: str, parts: dict, storage_text: str) -> None:
+    """Refuse an existing study made for another search, before anything expensive runs."""
+    from mixq.search.storage import FINGERPRINT_ATTR, check_fingerprint
+
+    try:
+        sid = storage.get_study_id_from_name(name)
+    except KeyError:
+        return
+
+    class _View:  # check_fingerprint reads these two attributes
+        study_name = name
+        user_attrs = storage.get_study_user_attrs(sid)
+        trials = storage.get_all_trials(sid, deepcopy=False)
+
+    if _View.user_attrs.get(FINGERPRINT_ATTR) is not None or _View.trials:
+        check_fingerprint(_View, parts, storage_text)
+
+
+def discard(storage: Any, names: list[str], cache: Path) -> None:
+    """--fresh: delete the studies and the cache folder."""
+    import optuna
+
+    for n in names:
+        try:
+            optuna.delete_study(study_name=n, storage=storage)
+        except KeyError:
+            pass
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+def calibrated_model(model, calib, backend: str, opts: SearchOptions, cache: Path):
+    """The model calibrated for every format of the space: loaded from the cache, or calibrated and saved."""
+    import mixq
+    from mixq.checkpoint import load_quantized, read_meta, save_quantized
+    from mixq.plan import QuantPlan
+
+    path = cache / "calibrated"
+    if (path / "mixq.json").is_file():
+        meta = read_meta(path)
+        if meta["backend"] == backend and meta["calib_method"] == opts.calib_method and \
+                set(opts.formats) <= set(meta["formats"]):
+            _say(f"[1/5] calibrated model from {path}")
+            return load_quantized(model, path, calib_data=calib)
+    _say(f"[1/5] calibrating {', '.join(opts.formats)} ({backend}, {opts.calib_method}) ...")
+    q = mixq.quantize(model, QuantPlan(backend=backend, default="fp32", calib_method=opts.calib_method),
+                      calib_data=calib, formats=opts.formats, progress="calibrate" if opts.progress else None)
+    save_quantized(q, path)
+    return q
+
+
+def weight_counts(q) -> dict:
+    """Unit -> number of weights (0 for functional ops): the cost ModelOpt's effective bits count."""
+    from mixq.quant.graph import units
+
+    out = {}
+    for name, m in units(q).items():
+        w = getattr(m, "weight", None)
+        out[name] = int(w.numel()) if w is not None and hasattr(w, "numel") else 0
+    return {u: out.get(u, 0) for u in q.mixq.kinds}
+
+
+def sensitivity(q, calib, search_data, task, cache: Path, opts: SearchOptions) -> tuple[dict, dict, Any]:
+    """One-at-a-time drops and Fisher scores per unit and format, on the search split (cached)."""
+    from mixq.sensitivity import scan
+
+    _say("[2/5] one-at-a-time sensitivity and Fisher proxy on the search split ...")
+    table = scan(q, calib, search_data, task.metric_fn, modes="one-at-a-time", proxies=True, progress=opts.progress,
+                 task_name=task.name, store=cache / "scan.jsonl", seed=opts.seed)
+    drops, fisher = {}, {}
+    for r in table.rows:
+        if r.drop is not None:
+            drops.setdefault(r.layer, {})[r.format] = float(r.drop)
+        if r.fisher is not None:
+            fisher.setdefault(r.layer, {})[r.format] = float(r.fisher)
+    return drops, fisher, table
+
+
+def check_budget(budget, limit: float, fp32_ms: float, measured: dict) -> None:
+    """A budget below the fastest plan measured, or at/above FP32, is refused before the study.
+
+    Raises:
+        ConfigError: naming the fastest plan (and its latency) or the plans faster than FP32.
+    """
+    name, ms = min(measured.items(), key=lambda kv: kv[1])
+    if limit < ms:
+        raise ConfigError(f"budget {budget} ({limit:.3f} ms) is below the fastest plan measured: {name} at {ms:.3f} ms "
+                          f"({ms / fp32_ms:.2f}x of FP32 {fp32_ms:.3f} ms); no plan is known to meet it. Give a "
+                          f"budget of at least {ms:.3f} ms ({ms / fp32_ms:.2f}x).")
+    if limit >= fp32_ms:
+        faster = sorted(((n, m) for n, m in measured.items() if m < fp32_ms and not n.startswith("single ")),
+                        key=lambda kv: kv[1])
+        listed = "; ".join(f"{n} {m:.3f} ms ({m / fp32_ms:.2f}x)" for n, m in faster[:5]) or "none measured"
+        raise ConfigError(f"budget {budget} ({limit:.3f} ms) is at or above FP32 latency ({fp32_ms:.3f} ms): it is "
+                          f"trivially met by FP32, which loses nothing. Faster plans: {listed}. Give a budget below "
+                          f"FP32, e.g. {0.9 * fp32_ms:.3f}ms or 0.9x.")
+
+
+def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_text: str, dashboard: str) -> dict:
+    """Run the whole search (see the module docstring); write every artifact; return the summary dict."""
+    from mixq.artifacts import write_atomic
+    from mixq.latency.base import LatencyError
+    from mixq.latency.ort import OrtLatency
+    from mixq.search import PlanCache, SearchSpace, baselines, run_search
+
+    t_all = time.perf_counter()
+    cache = d / CACHE
+    name = study_name(task.name, opts)
+    names = [name] + ([name + "-random"] if opts.random_baseline else [])
+    if opts.fresh:
+        _say(f"--fresh: discarding {', '.join(names)} and {cache}")
+        discard(storage, names, cache)
+    search_data = task.search_fn() if task.search_fn is not None else None
+    test_data = task.eval_fn()
+    notes = []
+    if search_data is None:
+        print("mixq: warning: the task has no search split; the search and the final figures use the same "
+              "evaluation data (give the example a search_data function to keep them apart)", file=sys.stderr)
+        notes.append("the task has no search split: the search and the final figures use the same data")
+        search_data = test_data
+    model, calib = task.model_fn(), task.calib_fn()
+    parts = fingerprint_parts(task, model, calib, search_data, backend, opts)
+    check_cache(cache, parts)
+    for n in names:
+        check_study_before_work(storage, n, parts, storage_text)
+    stages = {}
+    t0 = time.perf_counter()
+    q = calibrated_model(model, calib, backend, opts, cache)
+    space = SearchSpace.build(q.mixq.kinds, backend, opts.formats)
+    _say(f"[1/5] space: {space.describe()}")
+    drops, fisher, _ = sensitivity(q, calib, search_data, task, cache, opts)
+    stages["calibrate_and_sensitivity_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    from mixq.cli_deploy import float_graph_of
+
+    class _Args:
+        batch_axis = opts.batch_axis
+
+    graph = float_graph_of(q, calib, _Args)
+    lat = OrtLatency(q, _example_batch(calib[0]), runs=opts.runs, float_graph=graph)
+    lat_file = cache / "latency.json"
+    if lat_file.is_file():
+        try:
+            reused = lat.load(lat_file)
+        except LatencyError as e:
+            raise ConfigError(f"{e} (pass --fresh to measure afresh)") from None
+        _say(f"[3/5] {reused} latencies reused from {lat_file}")
+    fp32_plan = baselines.fp32(space)
+    singles = {f"single {u} {f}": {**fp32_plan, u: f} for _, units, choices in space.parameters()
+               for u in units for f in choices if f != "fp32"}
+    low = opts.formats[0]
+    base = {"fp32": fp32_plan, f"all-{low}": baselines.uniform(space, low),
+            f"weighted-only {low}": baselines.weighted_only(space, low)}
+    _say(f"[3/5] timing FP32, {len(singles)} single-unit plans and the uniform baselines on ONNX Runtime "
+         f"({opts.runs} runs each) ...")
+    lat.measure_many([*base.values(), *singles.values()])
+    lat.save(lat_file)
+    fp32_ms = lat(fp32_plan)
+    deltas = {}
+    for a in singles.values():
+        u, f = next((u, f) for u, f in a.items() if f != "fp32")
+        deltas.setdefault(u, {})[f] = lat(a) - fp32_ms
+    limit = opts.budget.limit_ms(fp32_ms) if opts.budget is not None else None
+    if limit is not None:
+        check_budget(opts.budget, limit, fp32_ms, {**{n: lat(a) for n, a in base.items()},
+                                                   **{n: lat(a) for n, a in singles.items()}})
+    params = weight_counts(q)
+    if limit is not None:
+        base["greedy fallback"], _ = baselines.greedy_fallback(space, low, drops, lat, limit)
+        ilp_plan = baselines.ilp(space, drops, deltas, fp32_ms, limit)
+        if ilp_plan is not None:
+            base["ILP (additive)"] = ilp_plan
+        else:
+            notes.append("ILP on additive single-unit latencies: no plan meets the budget by its own (additive) "
+                         "account")
+    ref_plan = base.get("greedy fallback", base[f"all-{low}"])
+    bits_ref = baselines.effective_bits(ref_plan, params)
+    wb = baselines.weight_bits(space, fisher, params, bits_ref) if any(params.values()) else None
+    if wb is not None:
+        base[f"weight-bits (Fisher) {bits_ref:.1f} bits"] = wb
+    lat.measure_many(list(base.values()))
+    lat.save(lat_file)
+    stages["latency_and_baselines_s"] = time.perf_counter() - t0
+
+    from mixq.evaluate import evaluate, evaluate_plan
+    from mixq.plan import QuantPlan
+
+    def plan_of(a: dict) -> QuantPlan:
+        return QuantPlan(backend=backend, default="fp32", layers={u: f for u, f in a.items() if f != "fp32"},
+                         calib_method=opts.calib_method)
+
+    def metric_of(a: dict) -> float:
+        return evaluate_plan(q, plan_of(a), search_data, task.metric_fn).metric
+
+    def measured(a: dict) -> float:
+        ms = lat(a)
+        lat.save(lat_file)
+        return ms
+
+    t0 = time.perf_counter()
+    plan_cache = PlanCache()
+    common = dict(budget=opts.budget, front=opts.front, seed=opts.seed, storage=storage, fingerprint=parts,
+                  storage_text=storage_text, exclusive=opts.storage is None, cache=plan_cache, fp32_ms=fp32_ms,
+                  progress=opts.progress)
+    _say(f"[4/5] Optuna study {name!r} ({storage_text}): {opts.trials} trials ({opts.sampler}, seed {opts.seed}), "
+         f"warm-started with {len(base)} baselines ...")
+    res = run_search(space, metric_of, measured, opts.trials, sampler=opts.sampler, warm_start=base, study_name=name,
+                     label=f"search ({opts.sampler})", **common)
+    _resumed_note(res, notes)
+    rand = None
+    if opts.random_baseline:
+        _say(f"[4/5] random search, the same {opts.trials} trials, evaluated the same way (study {name + '-random'!r}) ...")
+        rand = run_search(space, metric_of, measured, opts.trials, sampler="random", study_name=name + "-random",
+                          label="random search", **{**common, "seed": opts.seed + 1})
+        _resumed_note(rand, notes)
+    stages["study_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    reported = dict(base)
+    # Without a budget there is no "best" plan: the front is the answer (search-front.json, the chart).
+    if rand is not None and limit is not None:
+        if rand.best is not None:
+            reported[f"random search ({opts.trials} trials)"] = rand.best.assignment
+        elif limit is not None:
+            notes.append(f"random search: none of its {opts.trials} trials found a plan within the budget")
+    if res.best is not None and limit is not None:
+        reported["searched"] = res.best.assignment
+        if any(params.values()):
+            bits = baselines.effective_bits(res.best.assignment, params)
+            wb2 = baselines.weight_bits(space, fisher, params, bits)
+            if wb2 is not None:
+                reported[f"weight-bits (Fisher) {bits:.1f} bits = searched's"] = wb2
+    elif limit is not None:
+        notes.append("the study found no plan within the budget")
+    from mixq.search_final import final_figures
+
+    rows, retimed = final_figures(q, model, task.metric_fn, test_data, reported, lat, plan_of, metric_of, plan_cache,
+                                  d, opts, calib)
+    stages["final_s"] = time.perf_counter() - t0
+    stages["total_s"] = time.perf_counter() - t_all
+    summary = {"task": task.name, "command": opts.command, "backend": backend, "budget": str(opts.budget)
+               if opts.budget is not None else None, "budget_value": None if opts.budget is None else
+               [opts.budget.value, opts.budget.unit], "front": opts.front, "sampler": opts.sampler, "seed": opts.seed,
+               "trials": opts.trials, "study": name, "storage": storage_text, "dashboard": f"optuna-dashboard {dashboard}",
+               "fp32_ms": fp32_ms, "limit_ms": limit, "space": {"describe": space.describe(), "kinds": space.kinds,
+               "choices": {u: list(c) for u, c in space.choices.items()}},
+               "sensitivity": {"drops": drops, "fisher": fisher, "single_deltas_ms": deltas, "weights": params},
+               "baselines": base, "rows": rows, "retime": retimed, "search": res.to_dict(),
+               "random": rand.to_dict() if rand is not None else None, "notes": notes, "stages": stages}
+    if res.best is not None and limit is not None:
+        plan_of(res.best.assignment).save(d / "search-best.json")
+    else:
+        (d / "search-best.json").unlink(missing_ok=True)  # not a plan of an earlier run
+    from mixq.search_report import write_artifacts
+
+    paths = write_artifacts(summary, d)
+    write_atomic(d / "search.json", json.dumps(summary, indent=1, default=str))
+    summary["paths"] = paths
+    return summary
+
+
+def _resumed_note(res, notes: list) -> None:
+    r = res.resumed
+    if r.get("finished_before"):
+        notes.append(f"study {res.study_name!r} resumed: {r['finished_before']} trials finished in an earlier session"
+                     + (f"; stale RUNNING trial(s) {r['stale_failed']} of a dead process marked FAIL"
+                        if r.get("stale_failed") else ""))
+    if r.get("running_left"):
+        notes.append(f"study {res.study_name!r}: RUNNING trial(s) {r['running_left']} of another process were left "
+                     "alone")
