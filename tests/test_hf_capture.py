@@ -196,3 +196,13 @@ def test_sdpa_is_written_out_with_two_matmul_units_that_compute_what_sdpa_comput
     q = prepare(gm)
     matmuls = [n for n, m in q.named_modules() if isinstance(m, QuantMatMul)]
     assert matmuls == ["matmul", "matmul_1"], matmuls
+
+
+def test_a_saved_captured_model_loads_back_with_its_calibration_data(models, calib, quantized, tmp_path):
+    hf, _ = models
+    qh, _ = quantized
+    mixq.save_quantized(qh, tmp_path / "q")
+    back = mixq.load_quantized(hf, tmp_path / "q", calib_data=calib)  # the first batch captures the graph again
+    assert back.mixq.mode == "fx" and back.mixq.kinds == qh.mixq.kinds
+    with torch.no_grad():
+        assert torch.equal(back(*calib[1]), qh(*calib[1]))
