@@ -21,7 +21,8 @@ from mixq.evaluate import score as _score
 from mixq.errors import SpecError, did_you_mean
 
 EXAMPLES = {"mnist_resnet": "experiments.mnist_resnet", "minilm": "experiments.minilm",
-            "effnet_fashion": "experiments.effnet_fashion", "minilm_bible": "experiments.minilm_bible"}
+            "effnet_fashion": "experiments.effnet_fashion", "minilm_bible": "experiments.minilm_bible",
+            "minilm_hf": "experiments.minilm_hf"}
 DEFAULT_EXAMPLE = "mnist_resnet"
 
 
