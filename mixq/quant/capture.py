@@ -293,7 +293,7 @@ def _name_placeholders(gm: fx.GraphModule, model: nn.Module) -> None:
         node.target = name
 
 
-def _plain_graph(gm: fx.GraphModule, model: nn.Module, n_in: int, out_is_tensor: bool) -> fx.GraphModule:
+def _plain_graph(gm: fx.GraphModule, model: nn.Module, out_is_tensor: bool) -> fx.GraphModule:
     """The exported graph with plain positional inputs and outputs (no pytree codegen)."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -304,11 +304,14 @@ def _plain_graph(gm: fx.GraphModule, model: nn.Module, n_in: int, out_is_tensor:
             graph.output(res[0] if out_is_tensor else res)
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
+    # Modules mixq quantizes come from the model itself (their class matters); parameters, buffers and
+    # constants from the exported module, which holds them under the same paths.
     root: dict[str, Any] = {}
     for node in graph.nodes:
-        if node.op in ("get_attr", "call_module"):
-            src = model if node.op == "call_module" else gm
-            root[node.target] = src.get_submodule(node.target) if node.op == "call_module" else _attr(gm, node.target)
+        if node.op == "call_module":
+            root[node.target] = model.get_submodule(node.target)
+        elif node.op == "get_attr":
+            root[node.target] = _attr(gm, node.target)
     out = fx.GraphModule(root, graph, type(model).__name__)
     _name_placeholders(out, model)
     out.recompile()
@@ -353,7 +356,7 @@ def capture(model: nn.Module, example_inputs: Any, batch_axis: Optional[int] = 0
         _collapse_call(gm, path, nodes)
     _rewrite_ops(gm)
     gm.graph.eliminate_dead_code()
-    out = _plain_graph(gm, model, len(args), isinstance(ref, torch.Tensor))
+    out = _plain_graph(gm, model, isinstance(ref, torch.Tensor))
     _set_scopes(out)
     out.meta[CAPTURED] = "torch.export"
     out.train(model.training)
