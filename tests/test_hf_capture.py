@@ -206,3 +206,44 @@ def test_a_saved_captured_model_loads_back_with_its_calibration_data(models, cal
     assert back.mixq.mode == "fx" and back.mixq.kinds == qh.mixq.kinds
     with torch.no_grad():
         assert torch.equal(back(*calib[1]), qh(*calib[1]))
+
+
+def _tiny_encoder(name: str) -> nn.Module:
+    """A randomly initialised two-layer Hugging Face encoder built from its config (nothing downloaded)."""
+    import transformers as T
+
+    common = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=100,
+                  max_position_embeddings=64, num_hidden_layers=2)
+    cfg = {"distilbert": lambda: T.DistilBertConfig(n_layers=2, dim=32, n_heads=4, hidden_dim=64, vocab_size=100,
+                                                    max_position_embeddings=64),
+           "roberta": lambda: T.RobertaConfig(**common),
+           "deberta-v2": lambda: T.DebertaV2Config(**common),  # attention as torch.bmm
+           "modernbert": lambda: T.ModernBertConfig(**common, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                                                    cls_token_id=2, sep_token_id=1)}[name]()
+    torch.manual_seed(0)
+    return T.AutoModel.from_config(cfg).eval()
+
+
+class LastHidden(nn.Module):
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask):
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+@pytest.mark.parametrize("name", ["distilbert", "roberta", "deberta-v2", "modernbert"])
+def test_other_hf_encoders_as_they_come_are_captured_with_their_attention_matmuls(name):
+    model = LastHidden(_tiny_encoder(name)).eval()
+    g = torch.Generator().manual_seed(1)
+    ids, mask = torch.randint(5, 100, (6, 12), generator=g), torch.ones(6, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    mask[3, 4:] = 0
+    q = prepare(model, example_inputs=(ids[:4], mask[:4]))
+    assert q.mixq.mode == "fx" and q.mixq.prepare_options["capture"] == "torch.export"
+    kinds = list(q.mixq.kinds.values())
+    assert kinds.count("matmul") == 4, q.mixq.kinds  # scores and context in each of the two layers
+    with torch.no_grad():  # a batch of another size, padded differently, than the one captured
+        ref, got = model(ids[2:], mask[2:]), q(ids[2:], mask[2:])
+    assert torch.allclose(got, ref, atol=1e-5, rtol=0), float((got - ref).abs().max())

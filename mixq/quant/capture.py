@@ -45,7 +45,7 @@ from mixq.quant.modules import QuantMixin
 CAPTURED = "mixq_captured"  # key in GraphModule.meta: how the graph was captured
 
 _aten = torch.ops.aten
-_FUNCS = {_aten.matmul.default: torch.matmul, _aten.cat.default: torch.cat, _aten.concat.default: torch.cat,
+_FUNCS = {_aten.matmul.default: torch.matmul, _aten.bmm.default: torch.bmm, _aten.cat.default: torch.cat, _aten.concat.default: torch.cat,
           _aten.max_pool1d.default: F.max_pool1d, _aten.max_pool2d.default: F.max_pool2d,
           _aten.max_pool3d.default: F.max_pool3d}
 _DROPPED = {_aten._assert_tensor_metadata.default, _aten._assert_scalar.default}
