@@ -84,7 +84,7 @@ def test_units_are_those_of_the_rewrite(models, calib):
 
 def test_fp32_outputs_match_the_rewrite_and_the_batch_stays_dynamic(models, calib):
     hf, rw = models
-    gm = capture(hf, calib[0])
+    gm = mixq.capture(hf, calib[0])  # the public name of mixq.quant.capture.capture
     ids, mask = minilm.calib_data(3, 16)[2]
     for n in (16, 5, 1):  # captured on 16 samples; other batch sizes run the same graph
         x = (ids[:n], mask[:n])
@@ -247,3 +247,17 @@ def test_other_hf_encoders_as_they_come_are_captured_with_their_attention_matmul
     with torch.no_grad():  # a batch of another size, padded differently, than the one captured
         ref, got = model(ids[2:], mask[2:]), q(ids[2:], mask[2:])
     assert torch.allclose(got, ref, atol=1e-5, rtol=0), float((got - ref).abs().max())
+
+
+@pytest.mark.parametrize("name", ["functional", "residual", "concat", "attention", "reused", "conv1d", "conv3d"])
+def test_capture_of_a_model_fx_traces_gives_the_same_units_folding_and_quantized_outputs(name):
+    import zoo
+
+    model, calib, x = zoo.build(name)
+    by_fx = mixq.quantize(model, "int8", calib_data=calib)
+    by_export = mixq.quantize(capture(model, calib[0]), "int8", calib_data=calib)
+    assert by_export.mixq.prepare_options["capture"] == "torch.export"  # the captured graph is used as it is
+    assert by_export.mixq.kinds == by_fx.mixq.kinds  # same names, kinds and order
+    assert getattr(by_export, "mixq_folded_bn", {}) == getattr(by_fx, "mixq_folded_bn", {})
+    with torch.no_grad():
+        assert torch.equal(by_export(x), by_fx(x))

@@ -1,15 +1,17 @@
 """Graph capture with ``torch.export`` for models ``torch.fx`` cannot trace (Hugging Face encoders as they come).
 
-``torch.fx.symbolic_trace`` runs the forward on proxies, so Python that looks at values or shapes
-(Hugging Face's ``merge_with_config_defaults`` writing into ``**kwargs``, the mask helpers of
-``transformers.masking_utils``, a slice of a position buffer by a traced length) stops it.
+``torch.fx.symbolic_trace`` runs the forward on proxies, so Python that looks at values or shapes stops
+it (in transformers 5.25 BERT: ``modeling_bert.py:85``, ``self.position_ids[:, cache_length : seq_length +
+cache_length]``, a slice by a traced length; a bare ``BertModel`` first fails on ``merge_with_config_defaults``
+writing into ``**kwargs``).
 ``torch.export`` runs the forward on fake tensors with concrete shapes instead, and keeps the
 batch axis symbolic. ``capture`` turns the exported graph into the kind of ``fx.GraphModule``
 mixq's graph mode works on:
 
 - every call of a module mixq quantizes (``nn.Linear``, ``nn.Conv2d`` ... found from each node's
-  ``nn_module_stack``) becomes one ``call_module`` node on that module, as ``torch.fx`` would leave it;
-- ``aten.add`` / ``aten.matmul`` / ``aten.cat`` / ``aten.max_pool*`` become the torch functions
+  ``nn_module_stack``), and of BatchNorm / MaxPool / ReLU modules, becomes one ``call_module`` node on
+  that module, as ``torch.fx`` would leave it (BatchNorm then folds, ReLU fuses on ort-cpu);
+- ``aten.add`` / ``aten.matmul`` / ``aten.bmm`` / ``aten.cat`` / ``aten.max_pool*`` / ``aten.relu`` become the torch functions
   ``mixq.quant.graph`` recognises as functional units;
 - ``aten.scaled_dot_product_attention`` is written out as ``matmul -> scale -> mask -> softmax -> matmul``,
   so the two attention matmuls are units whether a model runs "sdpa" or "eager" attention;
@@ -45,9 +47,13 @@ from mixq.quant.modules import QuantMixin
 CAPTURED = "mixq_captured"  # key in GraphModule.meta: how the graph was captured
 
 _aten = torch.ops.aten
-_FUNCS = {_aten.matmul.default: torch.matmul, _aten.bmm.default: torch.bmm, _aten.cat.default: torch.cat, _aten.concat.default: torch.cat,
-          _aten.max_pool1d.default: F.max_pool1d, _aten.max_pool2d.default: F.max_pool2d,
-          _aten.max_pool3d.default: F.max_pool3d}
+_FUNCS = {_aten.matmul.default: torch.matmul, _aten.bmm.default: torch.bmm, _aten.cat.default: torch.cat,
+          _aten.concat.default: torch.cat, _aten.max_pool1d.default: F.max_pool1d,
+          _aten.max_pool2d.default: F.max_pool2d, _aten.max_pool3d.default: F.max_pool3d,
+          _aten.relu.default: torch.relu, _aten.relu_.default: torch.relu_}
+# Modules kept whole besides the quantizable ones: BatchNorm (folded into the conv before it) and
+# max pooling (a unit), as torch.fx leaves them.
+_KEPT_MODULES = (nn.modules.batchnorm._BatchNorm, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.ReLU)
 _DROPPED = {_aten._assert_tensor_metadata.default, _aten._assert_scalar.default}
 _NOISY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export", "torch._export")
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -170,13 +176,14 @@ def _unit_calls(gm: fx.GraphModule, model: nn.Module, custom: dict) -> dict[str,
                 m = model.get_submodule(path)
             except AttributeError:
                 continue
-            if isinstance(m, QuantMixin) or type(m) in custom or quant_class_for(type(m), custom) is not None:
+            if (isinstance(m, (QuantMixin, *_KEPT_MODULES)) or type(m) in custom
+                    or quant_class_for(type(m), custom) is not None):
                 calls.setdefault(key, (path, []))[1].append(node)
                 break
     return calls
 
 
-def _collapse_call(gm: fx.GraphModule, path: str, nodes: list[fx.Node]) -> bool:
+def _collapse_call(gm: fx.GraphModule, path: str, module: nn.Module, nodes: list[fx.Node]) -> bool:
     """Replace the nodes of one module call by ``call_module(path, x)``; False when the call is not one-in one-out."""
     inside = set(nodes)
     ins = [a for n in nodes for a in n.all_input_nodes if a not in inside and a.op != "get_attr"]
@@ -184,6 +191,16 @@ def _collapse_call(gm: fx.GraphModule, path: str, nodes: list[fx.Node]) -> bool:
     outs = [n for n in nodes if any(u not in inside for u in n.users)]
     if len(ins) != 1 or len(outs) != 1:
         return False
+    try:
+        gm.get_submodule(path)
+    except AttributeError:  # the exported module holds only modules with tensors; a pooling layer has none
+        parent, _, leaf = path.rpartition(".")
+        owner = gm
+        for part in parent.split(".") if parent else ():
+            if not hasattr(owner, part):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        owner.add_module(leaf, module)
     with gm.graph.inserting_after(outs[0]):
         new = gm.graph.call_module(path, args=(ins[0],))
     new.meta.update({k: v for k, v in outs[0].meta.items() if k != "nn_module_stack"})
@@ -353,7 +370,7 @@ def capture(model: nn.Module, example_inputs: Any, batch_axis: Optional[int] = 0
     gm = ep.module()
     custom = dict(custom_modules or {})
     for path, nodes in _unit_calls(gm, model, custom).values():
-        _collapse_call(gm, path, nodes)
+        _collapse_call(gm, path, model.get_submodule(path), nodes)
     _rewrite_ops(gm)
     gm.graph.eliminate_dead_code()
     out = _plain_graph(gm, model, isinstance(ref, torch.Tensor))

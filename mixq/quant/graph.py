@@ -380,8 +380,9 @@ def prepare_graph(model: nn.Module, backend: str = DEFAULT_BACKEND, concrete_arg
         GraphModeError: both failed (or fx failed and there is no example batch); the message names the
             construct that stopped each one (file, line, function and source line).
     """
+    how = (getattr(model, "meta", {}).get(CAPTURED) if isinstance(model, fx.GraphModule) else None) or "torch.fx"
     try:
-        return prepare_fx(model, backend, concrete_args, preserved_attributes, fold_bn, custom_modules), "torch.fx"
+        return prepare_fx(model, backend, concrete_args, preserved_attributes, fold_bn, custom_modules), how
     except Exception as e:  # torch.fx raises many types (TraceError, TypeError, NotImplementedError ...)
         reasons = {"torch.fx": describe_failure(e)}
         first = e
