@@ -261,3 +261,13 @@ def test_capture_of_a_model_fx_traces_gives_the_same_units_folding_and_quantized
     assert getattr(by_export, "mixq_folded_bn", {}) == getattr(by_fx, "mixq_folded_bn", {})
     with torch.no_grad():
         assert torch.equal(by_export(x), by_fx(x))
+
+
+def test_a_scan_of_the_float_hf_model_captures_it_from_the_calibration_data(models, calib, small_eval):
+    from mixq.sensitivity import scan
+
+    hf, _ = models
+    layer = "bert.encoder.layer.0.attention.self.matmul"  # a unit only graph mode has
+    table = scan(hf, calib[:1], small_eval, minilm.metric, layers=[layer], formats=["int8"],
+                 modes="one-at-a-time", proxies=False, bootstrap=0, progress=False)
+    assert len(table.layers) == 59 and [r.layer for r in table.rows] == [layer]
