@@ -391,9 +391,12 @@ def prepare_graph(model: nn.Module, backend: str = DEFAULT_BACKEND, concrete_arg
                              "was given to try torch.export", reasons) from first
     try:
         gm = capture(model, example_inputs, custom_modules=custom_modules)
+        return prepare_fx(gm, backend, concrete_args, preserved_attributes,
+                          (not model.training) if fold_bn is None else fold_bn, custom_modules), "torch.export"
     except CaptureError as e:
         reasons["torch.export"] = str(e)
-        raise GraphModeError(f"torch.fx cannot trace {type(model).__name__}: {reasons['torch.fx']}; and {e}",
-                             reasons) from e
-    return prepare_fx(gm, backend, concrete_args, preserved_attributes,
-                      (not model.training) if fold_bn is None else fold_bn, custom_modules), "torch.export"
+    except Exception as e:  # an exported graph mixq's conversion or graph mode does not handle
+        reasons["torch.export"] = (f"torch.export captured {type(model).__name__} but mixq could not turn the graph "
+                                   f"into quant modules: {describe_failure(e)}")
+    raise GraphModeError(f"torch.fx cannot trace {type(model).__name__}: {reasons['torch.fx']}; and "
+                         f"{reasons['torch.export']}", reasons)
