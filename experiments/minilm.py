@@ -207,9 +207,22 @@ class MiniLM(nn.Module):
         mask = attention_mask.to(hidden.dtype)
         mask_bias = (1.0 - mask[:, None, None, :]) * MASK_BIAS  # (B, 1, 1, L): hides padding keys
         hidden = self.encoder(hidden, mask_bias)
-        weights = mask.unsqueeze(-1)
-        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-        return F.normalize(pooled, p=2.0, dim=1)
+        return mean_pool(hidden, attention_mask)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states the mask keeps, L2-normalised (sentence-transformers' Pooling + Normalize).
+
+    Args:
+        hidden: ``(B, L, D)`` last hidden states.
+        attention_mask: ``(B, L)``, 1 for real tokens and 0 for padding.
+
+    Returns:
+        ``(B, D)`` unit-length embeddings.
+    """
+    weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+    return F.normalize(pooled, p=2.0, dim=1)
 
 
 def model() -> nn.Module:

@@ -32,6 +32,7 @@ _WHERE = {
     "left_float": "leftfloat",
     "save_quantized": "checkpoint", "load_quantized": "checkpoint",
     "evaluate": "evaluate", "evaluate_plan": "evaluate",
+    "capture": "quant.capture", "CaptureError": "quant.capture",
 }
 # Exported functions named like the submodule that defines them.
 _SHADOWED = frozenset(name for name, mod in _WHERE.items() if name == mod)

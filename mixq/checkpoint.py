@@ -33,7 +33,7 @@ from mixq.noop import NotRun
 from mixq.plan import QuantPlan
 from mixq.quant.custom import CustomModules
 from mixq.quant.modules import QuantMixin
-from mixq.quantize import _state, add_formats, prepare, set_plan
+from mixq.quantize import _state, add_formats, first_batch, prepare, set_plan
 
 FILE_FORMAT = "mixq-quantized"
 FILE_VERSION = 1
@@ -182,7 +182,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, calib_data: Opt
                               f", but load_quantized got them for {given or 'no class'}; pass the same map.")
     blob = _read_tensors(Path(path), meta)
     qmodel = prepare(model, meta["backend"], meta["mode"], concrete_args, opts.get("preserved_attributes", ()),
-                     opts.get("fold_bn"), custom_modules)
+                     opts.get("fold_bn"), custom_modules, example_inputs=first_batch(calib_data))
     st = _state(qmodel)
     if st.kinds != meta["kinds"]:
         raise CheckpointError("the model's units differ from the saved ones (same weights, other structure?): "

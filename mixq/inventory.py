@@ -120,7 +120,7 @@ def inventory(model: nn.Module, example_inputs: Any, backend: str = DEFAULT_BACK
         ``left_float`` and ``coverage`` attributes.
     """
     be = get_backend(backend)
-    qmodel = prepare(model, be.name, mode, concrete_args, custom_modules=custom_modules)
+    qmodel = prepare(model, be.name, mode, concrete_args, custom_modules=custom_modules, example_inputs=example_inputs)
     found = units(qmodel)
     infos = {n: LayerInfo(name=n, kind=m.kind, module_type=_type_name(m), formats=list(be.supported(m.kind)),
                           params=_float_params(model, n, m))

@@ -25,7 +25,7 @@ from mixq.plan import QuantPlan, Realisation
 from mixq.progress import batches as progress_batches
 from mixq.quant.transformer import decompose_attention, decomposed_names
 from mixq.quant.descriptor import check_calib_method
-from mixq.quant.graph import followers, prepare_fx, reset_quant_module, units
+from mixq.quant.graph import GraphModeError, followers, prepare_graph, reset_quant_module, units
 from mixq.quant.custom import CustomModules, check_custom_modules, quant_class_for
 from mixq.quant.modules import QUANT_MAP, QuantMixin, from_float
 
@@ -87,9 +87,20 @@ def call_model(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def first_batch(data: Optional[Iterable]) -> Any:
+    """The first batch of ``data`` when it can be read without consuming it (a list, a DataLoader), else None."""
+    if data is None:
+        return None
+    try:
+        it = iter(data)
+        return None if it is data else next(it, None)
+    except TypeError:
+        return None
+
+
 def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", concrete_args: Optional[dict] = None,
             preserved_attributes: Sequence[str] = (), fold_bn: Optional[bool] = None,
-            custom_modules: CustomModules = None) -> nn.Module:
+            custom_modules: CustomModules = None, example_inputs: Any = None) -> nn.Module:
     """Return a copy of ``model`` whose quantizable units are quant modules (no formats yet).
 
     Args:
@@ -101,6 +112,8 @@ def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", conc
         custom_modules: ``{float class: quant class or None}`` for a user's own layers (None keeps a
             class float). Subclasses of conv / linear / pooling layers from user code need no entry:
             they are quantized around their own forward.
+        example_inputs: one batch; when torch.fx cannot trace the model (a Hugging Face model as it comes),
+            graph mode captures it with ``torch.export`` on this batch (``mixq.quant.capture``).
 
     PyTorch's ``nn.MultiheadAttention`` and transformer modules (encoder / decoder layers and stacks,
     ``nn.Transformer``) are first rebuilt from plain pieces (``mixq.quant.transformer``: q/k/v/out
@@ -108,8 +121,9 @@ def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", conc
     FX traces), unless ``custom_modules`` names their class.
 
     Raises:
-        MixqError: bad mode; ModelError: no quantizable unit, a bad custom_modules entry, or an
-            nn.MultiheadAttention mixq cannot rebuild (add_bias_kv / add_zero_attn).
+        MixqError: bad mode; ModelError: no quantizable unit, a bad custom_modules entry, an
+            nn.MultiheadAttention mixq cannot rebuild (add_bias_kv / add_zero_attn), or (mode "fx") no
+            graph from torch.fx nor torch.export, naming the construct that stopped each.
     """
     be = get_backend(backend)
     custom = check_custom_modules(custom_modules)
@@ -117,18 +131,19 @@ def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", conc
         raise MixqError(f"unknown mode {mode!r}; valid modes are {', '.join(MODES)}.")
     source = model
     model = decompose_attention(source, tuple(custom))
-    reason = ""
+    reason, captured_by = "", ""
     qmodel = None
     if mode in ("auto", "fx"):
         try:
-            qmodel = prepare_fx(model, be.name, concrete_args, preserved_attributes, fold_bn, custom)
+            qmodel, captured_by = prepare_graph(model, be.name, concrete_args, preserved_attributes, fold_bn, custom,
+                                                example_inputs)
             used = "fx"
-        except Exception as e:  # torch.fx raises many types (TraceError, TypeError, NotImplementedError ...)
+        except GraphModeError as e:
             if mode == "fx":
-                raise ModelError(f"FX tracing failed: {type(e).__name__}: {e}. Use mode='module' or make the "
-                                 "forward traceable (concrete_args for data-dependent branches).") from e
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            warnings.warn(f"FX tracing failed ({reason}); falling back to module mode: functional ops "
+                raise ModelError(f"FX tracing failed and no other capture worked: {e}. Use mode='module' or make "
+                                 "the forward traceable (concrete_args for data-dependent branches).") from e
+            reason = "; ".join(f"{k}: {v}" for k, v in e.reasons.items())
+            warnings.warn(f"graph capture failed ({reason}); falling back to module mode: functional ops "
                           "(add, matmul, cat, max_pool) stay float.", FallbackWarning, stacklevel=3)
     if qmodel is None:
         qmodel = _prepare_modules(model, be.name, custom)
@@ -142,7 +157,7 @@ def prepare(model: nn.Module, backend: str = "ort-cpu", mode: str = "auto", conc
     left = left_float(model, qmodel, custom)
     qmodel.mixq = QuantState(backend=be.name, mode=used, kinds=kinds, fallback_reason=reason, left_float=left,
                              coverage=param_coverage(model, qmodel, left), weights_digest=weights_digest(source),
-                             prepare_options={"mode": mode, "fold_bn": fold_bn,
+                             prepare_options={"mode": mode, "fold_bn": fold_bn, "capture": captured_by,
                                               "preserved_attributes": list(preserved_attributes),
                                               "concrete_args": sorted(concrete_args) if concrete_args else None,
                                               "custom_modules": sorted(f"{c.__module__}.{c.__qualname__}"
@@ -474,7 +489,8 @@ def quantize(model: nn.Module, plan_or_format: QuantPlan | str | dict = "int8", 
     method = check_calib_method(calib_method or plan.calib_method)
     if plan.calib_method != method:
         plan = dataclasses.replace(plan, calib_method=method)  # the plan on the model names the method used
-    qmodel = prepare(model, plan.backend, mode, concrete_args, preserved_attributes, fold_bn, custom_modules)
+    qmodel = prepare(model, plan.backend, mode, concrete_args, preserved_attributes, fold_bn, custom_modules,
+                     example_inputs=first_batch(calib_data))
     st = _state(qmodel)
     warn_left_float(st)
     st.calib_method = method

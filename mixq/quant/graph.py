@@ -25,6 +25,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from mixq.formats import DEFAULT_BACKEND, get_backend
+from mixq.quant.capture import CAPTURED, CaptureError, capture, describe_failure
 from mixq.quant.custom import CustomModules, quant_class_for, wrappable
 from mixq.quant.modules import (QUANT_MAP, QuantAdd, QuantCat, QuantMatMul, QuantMaxPool, QuantMixin, _QuantFunctional,
                                 from_float)
@@ -88,7 +89,13 @@ class ScopeTracer(fx.Tracer):
 
 def trace(model: nn.Module, concrete_args: Optional[dict] = None,
           preserved_attributes: Sequence[str] = (), custom_modules: CustomModules = None) -> fx.GraphModule:
-    """Symbolically trace ``model`` (raises whatever torch.fx raises when it cannot)."""
+    """Symbolically trace ``model`` (raises whatever torch.fx raises when it cannot).
+
+    A graph ``mixq.quant.capture.capture`` made is used as it is: re-tracing it would lose the module
+    scopes its nodes carry (and so the names of its functional units).
+    """
+    if isinstance(model, fx.GraphModule) and getattr(model, "meta", {}).get(CAPTURED):
+        return model
     tracer = ScopeTracer(custom_modules)
     graph = tracer.trace(model, concrete_args=concrete_args)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
@@ -347,3 +354,49 @@ def prepare_fx(model: nn.Module, backend: str = DEFAULT_BACKEND, concrete_args: 
     if fold_bn is None:
         fold_bn = not model.training
     return insert_quant_modules(gm, backend, fold_bn, custom_modules)
+
+
+class GraphModeError(CaptureError):
+    """Neither torch.fx nor torch.export gave a graph; ``reasons`` holds each one's failure, construct named."""
+
+    def __init__(self, message: str, reasons: dict[str, str]) -> None:
+        super().__init__(message)
+        self.reasons = reasons
+
+
+def prepare_graph(model: nn.Module, backend: str = DEFAULT_BACKEND, concrete_args: Optional[dict] = None,
+                  preserved_attributes: Sequence[str] = (), fold_bn: Optional[bool] = None,
+                  custom_modules: CustomModules = None, example_inputs: Any = None) -> tuple[fx.GraphModule, str]:
+    """Graph-mode preparation: ``torch.fx`` first, then ``torch.export`` capture when an example batch is given.
+
+    Args:
+        model, backend, concrete_args, preserved_attributes, fold_bn, custom_modules: as for ``prepare_fx``.
+        example_inputs: one batch (Tensor or tuple of positional Tensors); without it only torch.fx is tried.
+
+    Returns:
+        (the prepared GraphModule, how it was captured: "torch.fx" or "torch.export").
+
+    Raises:
+        GraphModeError: both failed (or fx failed and there is no example batch); the message names the
+            construct that stopped each one (file, line, function and source line).
+    """
+    how = (getattr(model, "meta", {}).get(CAPTURED) if isinstance(model, fx.GraphModule) else None) or "torch.fx"
+    try:
+        return prepare_fx(model, backend, concrete_args, preserved_attributes, fold_bn, custom_modules), how
+    except Exception as e:  # torch.fx raises many types (TraceError, TypeError, NotImplementedError ...)
+        reasons = {"torch.fx": describe_failure(e)}
+        first = e
+    if example_inputs is None:
+        raise GraphModeError(f"torch.fx cannot trace {type(model).__name__}: {reasons['torch.fx']}; no example batch "
+                             "was given to try torch.export", reasons) from first
+    try:
+        gm = capture(model, example_inputs, custom_modules=custom_modules)
+        return prepare_fx(gm, backend, concrete_args, preserved_attributes,
+                          (not model.training) if fold_bn is None else fold_bn, custom_modules), "torch.export"
+    except CaptureError as e:
+        reasons["torch.export"] = str(e)
+    except Exception as e:  # an exported graph mixq's conversion or graph mode does not handle
+        reasons["torch.export"] = (f"torch.export captured {type(model).__name__} but mixq could not turn the graph "
+                                   f"into quant modules: {describe_failure(e)}")
+    raise GraphModeError(f"torch.fx cannot trace {type(model).__name__}: {reasons['torch.fx']}; and "
+                         f"{reasons['torch.export']}", reasons)

@@ -157,7 +157,8 @@ def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Optional[Iterab
             _partials(Path(store).with_name(Path(store).name + ".partial") if store is not None else None,
                       st.created) as partials:
         # A prepared model gets its plan back: every pass below runs under mixq.quantize.applied.
-        qmodel = model if prepared else prepare(model, be.name, quant_mode, concrete_args)
+        qmodel = model if prepared else prepare(model, be.name, quant_mode, concrete_args,
+                                                example_inputs=calib[0] if calib else None)
         del model  # the caller may still hold it; the scan no longer needs it
         kinds = dict(qmodel.mixq.kinds)
         todo = select(kinds, be.name, prepared_formats(qmodel) if prepared and formats is None else formats, layers)
