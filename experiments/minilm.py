@@ -400,12 +400,12 @@ def metric(outputs: list[torch.Tensor], targets: list[tuple[str, torch.Tensor]])
     return (best == torch.cat(parts["query"][1])).to(torch.float64).numpy() * 100.0
 
 
-def _scored_samples(targets: list[tuple[str, torch.Tensor]]) -> int:
+def scored_samples(targets: list[tuple[str, torch.Tensor]]) -> int:
     """Number of scores ``metric`` returns: one per query (documents are searched, not scored)."""
     return sum(len(ids) for kind, ids in targets if kind == "query")
 
 
-metric.samples = _scored_samples  # mixq checks the metric's score count against this
+metric.samples = scored_samples  # mixq checks the metric's score count against this
 
 
 def evaluate(model: nn.Module) -> float:

@@ -245,6 +245,10 @@ def metric_r1(outputs: list[torch.Tensor], targets: list[tuple[str, torch.Tensor
     return (ranks(outputs, targets) == 1).astype(np.float64) * 100.0
 
 
+# One score per query (documents are searched, not scored): mixq checks the score count against this.
+metric.samples = metric_r1.samples = minilm.scored_samples
+
+
 def evaluate(model: nn.Module, batches: Sequence[Batch] | None = None) -> tuple[float, float]:
     """Return (MRR, R@1) of ``model`` in percent.
 

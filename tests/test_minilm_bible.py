@@ -92,3 +92,14 @@ def test_fp32_retrieval_on_a_slice() -> None:
     hits = int(mb.metric_r1(outputs, targets).sum() / 100.0)
     # Exact on this machine; one rank may flip where other CPU kernels round differently.
     assert abs(hits - SLICE_R1_HITS) <= 1
+
+
+def test_mixq_evaluate_counts_one_score_per_query() -> None:
+    """mixq's score-count check (mixq.evaluate) takes queries, not rows, as the samples: a scan runs."""
+    from mixq.evaluate import evaluate
+
+    search = mb.search_data()
+    batches = search[:2] + search[32:34]  # 128 queries, 128 documents
+    for metric in (mb.metric, mb.metric_r1):
+        ev = evaluate(mb.model(), batches, metric)
+        assert ev.samples == 128 and len(ev.scores) == 128
