@@ -46,9 +46,9 @@ def test_the_fast_path_that_skips_every_quant_module_is_an_error(without_rebuild
         with pytest.raises(QuantNotAppliedError, match=r"none of the 4 unit\(s\) the plan quantizes ran during "
                                                        r"calibration.*'layers.0.linear1'.*bypassed: "
                                                        r"nn.TransformerEncoderLayer 'layers.0', 'layers.1'.*fast path"):
-            mixq.quantize(enc, "int8", calib_data=calib())
+            mixq.quantize(enc, "int8", calib_data=calib(), mode="module")
         with pytest.warns(QuantNotAppliedWarning, match="none of the 4"):
-            q = mixq.quantize(enc, "int8", calib_data=calib(), on_noop="warn")
+            q = mixq.quantize(enc, "int8", calib_data=calib(), on_noop="warn", mode="module")
     st = q.mixq
     assert st.mode == "module" and set(st.kinds) == {f"layers.{i}.linear{j}" for i in (0, 1) for j in (1, 2)}
     assert all(n.bypassed and n.caller == n.unit.rsplit(".", 1)[0] for n in st.not_run)
