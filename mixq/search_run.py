@@ -197,7 +197,7 @@ def sensitivity(q, calib, search_data, task, cache: Path, opts: SearchOptions) -
 
     _say("[2/5] one-at-a-time sensitivity and Fisher proxy on the search split ...")
     table = scan(q, calib, search_data, task.metric_fn, modes="one-at-a-time", proxies=True, progress=opts.progress,
-                 task_name=task.name, store=cache / "scan.jsonl", seed=opts.seed)
+                 task_name=task.name, store=cache / "scan.jsonl", seed=0)  # not the study's seed: the table serves every study
     drops, fisher = {}, {}
     for r in table.rows:
         if r.drop is not None:

@@ -321,6 +321,18 @@ def test_rerunning_the_command_resumes_and_reuses_every_cache(searched, tmp_path
     assert after["fp32_ms"] == before["fp32_ms"], "the FP32 latency the budget is relative to changed on resume"
 
 
+def test_another_seed_and_study_in_the_same_run_folder_reuse_the_caches(searched, tmp_path, capsys):
+    """bench/bench_search.py runs seeds and budgets as studies of one run folder: none may re-scan or refuse."""
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(searched, d)
+    assert main(_search(d, "--budget", "0.8x", "--trials", "3", "--seed", "7", "--study", "other",
+                        "--no-random-baseline")) == 0
+    out = capsys.readouterr().out
+    assert "calibrated model from" in out and "latencies reused" in out
+
+
 @pytest.mark.parametrize("extra, message", [
     ([], "give a latency budget"),
     (["--budget", "fast"], "budget 'fast' is not understood"),
