@@ -83,7 +83,7 @@ def main() -> int:
         for s in seeds:
             extra = [] if not any(r.get("rows") for r in runs) else ["--no-random-baseline"]
             rc = _mixq(["search", *common, "--budget", f"{x:.3f}x", "--trials", str(args.trials), "--seed", str(s),
-                        "--study", f"g{g}-s{s}", *extra], must=False)
+                        "--study", f"b{x:.3f}-s{s}", *extra], must=False)
             if rc != 0:  # e.g. the search's own timing puts the budget below the fastest plan: said in its error
                 runs.append({"seed": s, "searched": None, "refused": f"mixq search exited {rc}", "rows": None})
                 continue
