@@ -51,6 +51,14 @@ def register(sub, add_task_args: Callable, task_of: Callable, run_dir_of: Callab
                                                         "sensitivity and latencies, and start over")
     p.add_argument("--no-random-baseline", action="store_true",
                    help="skip the random-search baseline (a second study with the same number of trials)")
+    p.add_argument("--candidates", type=int, default=5,
+                   help="best trials re-timed in a fresh process before the plan is chosen (default 5)")
+    p.add_argument("--metric-tolerance", type=float, default=0.1,
+                   help="search metrics within this many points count as equal; the faster re-timed plan wins "
+                        "(default 0.1)")
+    p.add_argument("--sensitivity", default=None,
+                   help="a sensitivity.json from `mixq scan --split search` of the same model, data and backend: "
+                        "used instead of the search's own one-at-a-time scan (refused by fingerprint otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     from mixq.cli_deploy import add_batch_axis_arg
 
@@ -81,11 +89,17 @@ def options_of(args: argparse.Namespace):
 
         raise MixqError(f"unknown sampler {args.sampler!r}; valid samplers are {', '.join(SAMPLERS)}."
                         f"{did_you_mean(args.sampler, SAMPLERS)}")
-    for flag, v in (("--trials", args.trials), ("--runs", args.runs), ("--rounds", args.rounds)):
+    for flag, v in (("--trials", args.trials), ("--runs", args.runs), ("--rounds", args.rounds),
+                    ("--candidates", args.candidates)):
         if v < 1:
             raise MixqError(f"{flag} must be at least 1, but got {v}.")
     if not args.retime_seconds >= 0:
         raise MixqError(f"--retime-seconds must be >= 0, but got {args.retime_seconds}.")
+    if not args.metric_tolerance >= 0:
+        raise MixqError(f"--metric-tolerance must be >= 0 metric points, but got {args.metric_tolerance}.")
+    if args.sensitivity is not None and not Path(args.sensitivity).is_file():
+        raise MixqError(f"--sensitivity {args.sensitivity!r} is not a file; give the sensitivity.json that "
+                        "`mixq scan --split search` wrote.")
     if args.study is not None and not args.study.strip():
         raise MixqError("--study must be a non-empty name.")
     formats = [get_format(f.strip()).name for f in args.formats.split(",") if f.strip()]
@@ -96,6 +110,8 @@ def options_of(args: argparse.Namespace):
                          formats=formats, runs=args.runs, rounds=args.rounds, retime_seconds=args.retime_seconds,
                          calib_method=check_calib_method(args.calib_method), storage=args.storage, study=args.study,
                          fresh=args.fresh, random_baseline=not args.no_random_baseline,
+                         candidates=args.candidates, metric_tolerance=args.metric_tolerance,
+                         sensitivity=args.sensitivity,
                          progress=not args.no_progress, command="mixq " + shlex.join(getattr(args, "argv", sys.argv[1:])),
                          batch_axis=batch_axis_of(args))
 

@@ -23,29 +23,24 @@ def _within(budget: Any, ms: float, ratio: float, fp32_ms: float) -> tuple[bool,
     return margin >= 0, margin, margin / budget.value
 
 
-def final_figures(q: Any, model: Any, metric_fn: Callable, test_data: Any, reported: dict, lat: Any,
-                  plan_of: Callable, metric_of: Callable, plan_cache: Any, d: Path, opts: Any,
-                  calib: Any) -> tuple[list, dict]:
-    """Evaluate ``reported`` plans (name -> assignment) on the test split; re-time them in a fresh process.
+def retime_plans(reported: dict, lat: Any, calib: Any, folder: Path, opts: Any) -> tuple[dict, dict, dict]:
+    """Export each distinct plan of ``reported`` (name -> assignment) to ``folder`` and re-time them all in one
+    fresh process, each interleaved with FP32.
 
     Returns:
-        (one row per reported plan, the re-timing result).
+        (name -> re-timing of its plan, name -> ONNX path, the whole re-timing result).
     """
     import numpy as np
 
-    from mixq.evaluate import evaluate, evaluate_plan
     from mixq.export import save_onnx
     from mixq.search import PlanCache
     from mixq.search_retime import retime_in_fresh_process
 
-    print(f"[5/5] final figures: {len(reported)} plans on the test split; latencies re-timed in a fresh process, "
-          f"interleaved with FP32 ({opts.rounds} rounds) ...", flush=True)
-    folder = d / SUBDIR
     folder.mkdir(parents=True, exist_ok=True)
     distinct: dict[tuple, int] = {}
     for a in reported.values():
         distinct.setdefault(PlanCache.key(a), len(distinct))
-    fp32_plan = {u: "fp32" for u in q.mixq.kinds}
+    fp32_plan = {u: "fp32" for u in next(iter(reported.values()))}
     save_onnx(lat.onnx_model(fp32_plan), folder / "fp32.onnx")
     paths = {}
     for a in reported.values():
@@ -60,25 +55,48 @@ def final_figures(q: Any, model: Any, metric_fn: Callable, test_data: Any, repor
         np.save(p, t.detach().cpu().numpy())
         inputs.append(str(p))
     job = {"fp32": str(folder / "fp32.onnx"), "plans": {str(i): p for i, p in paths.items()}, "inputs": inputs,
-           "threads": 1, "runs": opts.runs, "warmup": 5, "min_seconds": opts.retime_seconds, "rounds": opts.rounds, "clock": "thread",
-           "disabled_optimizers": None}
+           "threads": 1, "runs": opts.runs, "warmup": 5, "min_seconds": opts.retime_seconds, "rounds": opts.rounds,
+           "clock": "thread", "disabled_optimizers": None}
     retimed = retime_in_fresh_process(job, folder)
+    by_name = {n: retimed["plans"][str(distinct[PlanCache.key(a)])] for n, a in reported.items()}
+    onnx = {n: paths[distinct[PlanCache.key(a)]] for n, a in reported.items()}
+    return by_name, onnx, retimed
+
+
+def meets_budget(budget: Any, t: dict, fp32_ms: float) -> tuple[bool, float, float]:
+    """(meets, margin ms, margin fraction) of one re-timed plan ``t`` (a ``retime_plans`` entry)."""
+    return _within(budget, t["median_ms"], t["ratio"], fp32_ms)
+
+
+def final_figures(q: Any, model: Any, metric_fn: Callable, test_data: Any, reported: dict, lat: Any,
+                  plan_of: Callable, metric_of: Callable, plan_cache: Any, d: Path, opts: Any,
+                  calib: Any) -> tuple[list, dict]:
+    """Evaluate ``reported`` plans (name -> assignment) on the test split; re-time them in a fresh process.
+
+    Returns:
+        (one row per reported plan, the re-timing result).
+    """
+    from mixq.evaluate import evaluate, evaluate_plan
+    from mixq.search import PlanCache
+
+    print(f"[5/5] final figures: {len(reported)} plans on the test split; latencies re-timed in a fresh process, "
+          f"interleaved with FP32 ({opts.rounds} rounds) ...", flush=True)
+    by_name, onnx, retimed = retime_plans(reported, lat, calib, d / SUBDIR, opts)
     ref = evaluate(model, test_data, metric_fn)
     evals: dict[int, Any] = {}
     rows = []
     for name, a in reported.items():
         k = PlanCache.key(a)
-        i = distinct[k]
-        if i not in evals:
-            evals[i] = evaluate_plan(q, plan_of(a), test_data, metric_fn, reference=ref)
-        ev = evals[i]
+        if k not in evals:
+            evals[k] = evaluate_plan(q, plan_of(a), test_data, metric_fn, reference=ref)
+        ev = evals[k]
         if k not in plan_cache.metrics:
             plan_cache.metrics[k] = metric_of(a)
-        t = retimed["plans"][str(i)]
+        t = by_name[name]
         row = {"plan": name, "low_units": sum(f != "fp32" for f in a.values()), "units": len(a),
                "search_metric": plan_cache.metrics[k], "search_latency_ms": lat(a), "test_metric": ev.metric,
                "drop": ev.drop, "drop_ci": list(ev.drop_ci), "latency_ms": t["median_ms"], "ratio": t["ratio"],
-               "rounds_ms": t["rounds_ms"], "ratios": t["ratios"], "onnx": paths[i], "assignment": a,
+               "rounds_ms": t["rounds_ms"], "ratios": t["ratios"], "onnx": onnx[name], "assignment": a,
                "within_budget": None, "margin_ms": None, "margin_frac": None}
         if opts.budget is not None:
             ok, m_ms, m_frac = _within(opts.budget, t["median_ms"], t["ratio"], retimed["fp32_ms"])
@@ -86,3 +104,41 @@ def final_figures(q: Any, model: Any, metric_fn: Callable, test_data: Any, repor
         rows.append(row)
     return rows, {"fp32_ms": retimed["fp32_ms"], "seconds": retimed["seconds"], "rounds": opts.rounds,
                   "runs": retimed.get("runs", opts.runs), "fp32_metric": ref.metric}
+
+
+def select_by_retiming(results: dict, lat: Any, calib: Any, d: Path, opts: Any, limit_ms: float) -> tuple[dict, dict]:
+    """Choose each study's plan (``mixq.search.choose``): its best candidates re-timed in one fresh process.
+
+    Args:
+        results: label -> SearchResult (the study, the random search).
+        limit_ms: the budget in ms (from the in-process FP32 latency; only the candidate list uses it).
+
+    Returns:
+        (label -> chosen TrialRecord or None, label -> the candidates with their re-timing, for the report).
+    """
+    from mixq.search import PlanCache
+    from mixq.search.choose import Retimed, candidates, choose
+
+    cands = {label: candidates(r.records, limit_ms, opts.metric_tolerance, opts.candidates)
+             for label, r in results.items()}
+    pool = {f"{label} #{c.number}": c.assignment for label, cs in cands.items() for c in cs}
+    if not pool:
+        return {label: None for label in results}, {label: [] for label in results}
+    print(f"[5/5] choosing: {len(pool)} candidate plans (best metric, then the fastest) re-timed in a fresh "
+          f"process before one is chosen ...", flush=True)
+    by_name, _, retimed = retime_plans(pool, lat, calib, d / SUBDIR / "candidates", opts)
+    verdict: dict[tuple, Retimed] = {}
+    log: dict[str, list] = {}
+    for label, cs in cands.items():
+        log[label] = []
+        for c in cs:
+            t = by_name[f"{label} #{c.number}"]
+            ok, m_ms, _ = meets_budget(opts.budget, t, retimed["fp32_ms"])
+            verdict[PlanCache.key(c.assignment)] = Retimed(ok, t["median_ms"], m_ms)
+            log[label].append({"trial": c.number, "metric": c.metric, "search_latency_ms": c.latency_ms,
+                               "retimed_ms": t["median_ms"], "ratio": t["ratio"], "meets": ok, "margin_ms": m_ms})
+    chosen = {label: choose(cs, verdict, opts.metric_tolerance) for label, cs in cands.items()}
+    for label, c in chosen.items():
+        for row in log[label]:
+            row["chosen"] = c is not None and row["trial"] == c.number
+    return chosen, log

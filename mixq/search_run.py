@@ -46,6 +46,9 @@ class SearchOptions:
     study: Optional[str] = None
     fresh: bool = False
     random_baseline: bool = True
+    candidates: int = 5
+    metric_tolerance: float = 0.1
+    sensitivity: Optional[str] = None
     progress: bool = True
     command: str = ""
     batch_axis: Any = 0
@@ -207,6 +210,43 @@ def sensitivity(q, calib, search_data, task, cache: Path, opts: SearchOptions) -
     return drops, fisher, table
 
 
+def imported_sensitivity(path: str, model, calib, search_data, task, backend: str, opts: SearchOptions
+                         ) -> tuple[dict, dict]:
+    """Drops and Fisher scores from a ``mixq scan --split search`` table of this very model, data and backend.
+
+    Raises:
+        ConfigError: the file is not a sensitivity table, was made for another model / data / metric /
+            backend / calibration method (fingerprint), or lacks a unit or format of the space.
+    """
+    from mixq.evaluate import eval_batches
+    from mixq.sensitivity.store import digest, fingerprint
+
+    try:
+        data = json.loads(Path(path).read_text())
+        rows, fp = data["rows"], data["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--sensitivity {path!r} is not a sensitivity table written by `mixq scan` ({e}).") from None
+    settings = {"backend": backend, "calib_method": opts.calib_method, "quant_mode": "auto", "proxy_data": "calib",
+                "seed": 0}
+    want = digest(fingerprint(model, calib, eval_batches(search_data), task.metric_fn, settings))
+    if fp != want:
+        raise ConfigError(f"--sensitivity {path!r} was made for another model, data, metric, backend or calibration "
+                          f"(fingerprint {fp}, this search needs {want}); make it with `mixq scan --example "
+                          f"{task.name} --split search --backend {backend} --calib-method {opts.calib_method}` "
+                          "(seed 0), or leave --sensitivity out and the search scans itself.")
+    drops, fisher = {}, {}
+    for r in rows:
+        if r.get("drop") is not None:
+            drops.setdefault(r["layer"], {})[r["format"]] = float(r["drop"])
+        if r.get("fisher") is not None:
+            fisher.setdefault(r["layer"], {})[r["format"]] = float(r["fisher"])
+    missing = [f for f in opts.formats if not any(f in per for per in drops.values())]
+    if missing:
+        raise ConfigError(f"--sensitivity {path!r} has no drops for format(s) {', '.join(missing)}; it holds "
+                          f"{', '.join(sorted({f for per in drops.values() for f in per}))}. Scan those formats too.")
+    return drops, fisher
+
+
 def check_budget(budget, limit: float, fp32_ms: float, measured: dict) -> None:
     """A budget below the fastest plan measured, or at/above FP32, is refused before the study.
 
@@ -251,6 +291,8 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
         search_data = test_data
     model, calib = task.model_fn(), task.calib_fn()
     parts = fingerprint_parts(task, model, calib, search_data, backend, opts)
+    imported = None if opts.sensitivity is None else \
+        imported_sensitivity(opts.sensitivity, model, calib, search_data, task, backend, opts)
     check_cache(cache, parts)
     for n in names:
         check_study_before_work(storage, n, parts, storage_text)
@@ -259,7 +301,15 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
     q = calibrated_model(model, calib, backend, opts, cache)
     space = SearchSpace.build(q.mixq.kinds, backend, opts.formats)
     _say(f"[1/5] space: {space.describe()}")
-    drops, fisher, _ = sensitivity(q, calib, search_data, task, cache, opts)
+    if imported is not None:
+        drops, fisher = imported
+        missing = [f"{u} {f}" for u, c in space.choices.items() for f in c if f != "fp32" and f not in drops.get(u, {})]
+        if missing:
+            raise ConfigError(f"--sensitivity {opts.sensitivity!r} lacks {len(missing)} unit/format drop(s) of this "
+                              f"space, e.g. {', '.join(missing[:3])}; it was made on another graph of the model.")
+        _say(f"[2/5] sensitivity from {opts.sensitivity} (made by mixq scan on this model, data and backend)")
+    else:
+        drops, fisher, _ = sensitivity(q, calib, search_data, task, cache, opts)
     stages["calibrate_and_sensitivity_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -349,21 +399,30 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
 
     t0 = time.perf_counter()
     reported = dict(base)
+    selection: dict = {}
     # Without a budget there is no "best" plan: the front is the answer (search-front.json, the chart).
-    if rand is not None and limit is not None:
-        if rand.best is not None:
-            reported[f"random search ({opts.trials} trials)"] = rand.best.assignment
-        elif limit is not None:
-            notes.append(f"random search: none of its {opts.trials} trials found a plan within the budget")
-    if res.best is not None and limit is not None:
-        reported["searched"] = res.best.assignment
+    if limit is not None:
+        from mixq.search_final import select_by_retiming
+
+        studies = {"searched": res, **({"random": rand} if rand is not None else {})}
+        chosen, selection = select_by_retiming(studies, lat, calib, d, opts, limit)
+        for label, r in studies.items():
+            what = "the study" if label == "searched" else f"random search ({opts.trials} trials)"
+            if not selection[label]:
+                notes.append(f"{what}: none of its trials found a plan within the budget")
+            elif chosen[label] is None:
+                notes.append(f"{what}: none of its {len(selection[label])} best candidates met the budget when "
+                             "re-timed in a fresh process")
+    if limit is not None and rand is not None and chosen["random"] is not None:
+        reported[f"random search ({opts.trials} trials)"] = chosen["random"].assignment
+    best = chosen["searched"] if limit is not None else None
+    if best is not None:
+        reported["searched"] = best.assignment
         if any(params.values()):
-            bits = baselines.effective_bits(res.best.assignment, params)
+            bits = baselines.effective_bits(best.assignment, params)
             wb2 = baselines.weight_bits(space, fisher, params, bits)
             if wb2 is not None:
                 reported[f"weight-bits (Fisher) {bits:.1f} bits = searched's"] = wb2
-    elif limit is not None:
-        notes.append("the study found no plan within the budget")
     from mixq.search_final import final_figures
 
     rows, retimed = final_figures(q, model, task.metric_fn, test_data, reported, lat, plan_of, metric_of, plan_cache,
@@ -378,9 +437,10 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
                "choices": {u: list(c) for u, c in space.choices.items()}},
                "sensitivity": {"drops": drops, "fisher": fisher, "single_deltas_ms": deltas, "weights": params},
                "baselines": base, "rows": rows, "retime": retimed, "search": res.to_dict(),
-               "random": rand.to_dict() if rand is not None else None, "notes": notes, "stages": stages}
-    if res.best is not None and limit is not None:
-        plan_of(res.best.assignment).save(d / "search-best.json")
+               "random": rand.to_dict() if rand is not None else None, "notes": notes, "stages": stages,
+               "selection": selection, "metric_tolerance": opts.metric_tolerance, "chosen_trial": None if best is None else best.number}
+    if best is not None:
+        plan_of(best.assignment).save(d / "search-best.json")
     else:
         (d / "search-best.json").unlink(missing_ok=True)  # not a plan of an earlier run
     from mixq.search_report import write_artifacts

@@ -151,6 +151,40 @@ def test_pareto_front_of_records():
     assert [x.number for x in front] == [1, 0, 3]
 
 
+def _rec(n, ms, metric, screened=False, plan=None):
+    return TrialRecord(n, "tpe", plan or {"u": str(n)}, ms, metric, ms <= 10.0, screened=screened)
+
+
+def test_candidates_are_the_near_best_plans_fastest_first_then_the_next_best():
+    from mixq.search.choose import candidates
+
+    recs = [_rec(0, 9.9, 90.0), _rec(1, 8.0, 89.95), _rec(2, 10.3, 90.02), _rec(3, 10.8, 95.0),  # 3: >5% over
+            _rec(4, 7.0, 85.0), _rec(5, 6.0, None), _rec(6, 5.0, 99.0, screened=True), _rec(7, 9.0, 88.0),
+            _rec(8, 8.0, 89.95, plan={"u": "1"})]  # the same plan as trial 1: listed once
+    got = [r.number for r in candidates(recs, 10.0, tolerance=0.1, k=5, slack=0.05)]
+    # within 0.1 of 90.02: trials 1 (8.0 ms), 0 (9.9), 2 (10.3, inside the 5% slack); then 7, 4 by metric
+    assert got == [1, 0, 2, 7, 4]
+    assert [r.number for r in candidates(recs, 10.0, tolerance=0.0, k=2)] == [2, 0]
+    assert candidates([_rec(0, 20.0, 90.0)], 10.0) == []
+    with pytest.raises(ConfigError, match="k >= 1"):
+        candidates(recs, 10.0, k=0)
+
+
+def test_choose_takes_the_best_plan_that_meets_the_budget_when_re_timed():
+    from mixq.search.choose import Retimed, choose
+
+    a, b, c = _rec(0, 9.0, 90.0), _rec(1, 8.0, 89.95), _rec(2, 7.0, 88.0)
+    key = lambda r: tuple(sorted(r.assignment.items()))
+    timed = {key(a): Retimed(True, 9.8, 0.2), key(b): Retimed(True, 8.5, 1.5), key(c): Retimed(True, 7.0, 3.0)}
+    assert choose([a, b, c], timed, tolerance=0.1).number == 1, "a near-tie goes to the larger re-timed margin"
+    assert choose([a, b, c], timed, tolerance=0.0).number == 0, "without tolerance the best metric wins"
+    timed[key(a)] = Retimed(False, 10.4, -0.4)
+    timed[key(b)] = Retimed(False, 10.1, -0.1)
+    assert choose([a, b, c], timed).number == 2, "plans over budget when re-timed are not chosen"
+    timed[key(c)] = Retimed(False, 10.2, -0.2)
+    assert choose([a, b, c], timed) is None
+
+
 def test_bad_search_arguments():
     s = SearchSpace.build(KINDS, "ort-cpu")
     with pytest.raises(ConfigError, match="needs a latency budget"):

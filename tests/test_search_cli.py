@@ -293,6 +293,45 @@ def test_every_reported_plan_is_re_timed_in_a_fresh_process_and_the_best_meets_t
     assert best["within_budget"] and best["margin_ms"] > 0, best
 
 
+def test_the_plan_is_chosen_among_re_timed_candidates(searched):
+    out = json.loads((searched / "search.json").read_text())
+    sel = out["selection"]["searched"]
+    assert 1 <= len(sel) <= 5 and sum(r["chosen"] for r in sel) == 1
+    chosen = next(r for r in sel if r["chosen"])
+    assert chosen["meets"] and chosen["trial"] == out["chosen_trial"]
+    trials = {r["number"]: r for r in out["search"]["records"]}
+    best = next(r for r in out["rows"] if r["plan"] == "searched")
+    assert trials[chosen["trial"]]["assignment"] == best["assignment"]
+    # candidates: the best search metric first (within the tolerance), and the chosen one is the best that met it
+    top = max(r["metric"] for r in sel)
+    assert chosen["metric"] >= max(r["metric"] for r in sel if r["meets"]) - out["metric_tolerance"]
+    assert top == max(r["metric"] for r in out["search"]["records"] if r["feasible"] and r["metric"] is not None)
+    assert (searched / "search-final" / "candidates" / "retime.json").is_file()
+    assert "How the plan was chosen" in (searched / "search.md").read_text()
+
+
+def test_a_sensitivity_table_of_mixq_scan_replaces_the_search_s_scan_and_another_is_refused(tmp_path, capsys):
+    scan = ["scan", "--formats", "int8", "--no-progress", "--bootstrap", "50"]
+    assert main([*scan, *SPECS, "--run-dir", str(tmp_path / "scan")]) == 0
+    other = [*SPECS[:5], "test_search_cli:other_eval_data", *SPECS[6:]]
+    assert main([*scan, *other, "--run-dir", str(tmp_path / "scan-other")]) == 0
+    capsys.readouterr()
+    table = tmp_path / "scan-other" / "sensitivity.json"
+    assert main(_search(tmp_path / "s1", "--budget", "0.8x", "--sensitivity", str(table))) == 2
+    err = capsys.readouterr().err
+    assert "was made for another model, data, metric" in err and str(table) in err
+    assert not (tmp_path / "s1" / "search-cache" / "calibrated").exists(), "refused after expensive work"
+    assert main(_search(tmp_path / "s2", "--budget", "0.8x", "--trials", "3", "--no-random-baseline",
+                        "--sensitivity", str(tmp_path / "scan" / "sensitivity.json"))) == 0
+    out = capsys.readouterr().out
+    assert "sensitivity from" in out and not (tmp_path / "s2" / "search-cache" / "scan.jsonl").exists()
+    drops = json.loads((tmp_path / "s2" / "search.json").read_text())["sensitivity"]["drops"]
+    rows = json.loads((tmp_path / "scan" / "sensitivity.json").read_text())["rows"]
+    assert drops == {r["layer"]: {"int8": r["drop"]} for r in rows if r["drop"] is not None}
+    assert main(_search(tmp_path / "s3", "--budget", "0.8x", "--sensitivity", str(tmp_path / "nope.json"))) == 2
+    assert "is not a file" in capsys.readouterr().err
+
+
 def test_the_best_plan_deploys_with_mixq_export(searched, tmp_path):
     plan = json.loads((searched / "search-best.json").read_text())
     out = json.loads((searched / "search.json").read_text())
