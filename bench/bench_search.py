@@ -120,6 +120,17 @@ def _markdown(s: dict, out: Path) -> str:
              f"{s['probe_ratios'][s['fastest_baseline']]:.3f}x of FP32. Budgets: fastest + gap x (1 - fastest). "
              f"{s['trials']} trials per study, seeds {s['seeds']}; test metric with its standard error (paired "
              "bootstrap); latency re-timed in a fresh process, ratio to FP32.", ""]
+    runs = [r for b in s["budgets"] for r in b["runs"]]
+    found = [r for r in runs if r["searched"]]
+    firsts = sorted(r["trial_of_final_best"] for r in found if r["trial_of_final_best"] is not None)
+    lines += ["## Summary", "",
+              f"- searched plans reported: {len(found)} of {len(runs)} runs (budget x seed);",
+              f"- meet their budget when re-timed in a fresh process: {sum(bool(r['meets_budget_retimed']) for r in found)}"
+              f" of {len(found)};",
+              f"- test metric >= every baseline that meets the budget, within one SE: "
+              f"{sum(bool(r['beats_baselines_within_1se']) for r in found)} of {len(found)};",
+              f"- trial at which the study reached its final best search metric: median "
+              f"{firsts[len(firsts) // 2] if firsts else '-'} (of {s['trials']}).", ""]
     for b in s["budgets"]:
         lines += [f"## Budget {b['budget_x']:.3f}x (gap {b['gap']:.2f})", "",
                   "| plan | low units | test metric | SE | latency x FP32 | within budget |", "|---|---:|---:|---:|---:|---|"]

@@ -25,6 +25,7 @@ from typing import Any, Optional
 from mixq.errors import ConfigError, MixqError
 
 CACHE = "search-cache"
+SCAN_GUIDED_DROP = 0.5  # metric points: a unit that alone costs more stays float in the scan-guided baseline
 JOURNAL = "search-study.journal"
 
 
@@ -333,6 +334,9 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
     low = opts.formats[0]
     base = {"fp32": fp32_plan, f"all-{low}": baselines.uniform(space, low),
             f"weighted-only {low}": baselines.weighted_only(space, low)}
+    guided = baselines.scan_guided(space, low, drops, SCAN_GUIDED_DROP)
+    if guided != base[f"all-{low}"]:
+        base[f"scan-guided {low} (drop > {SCAN_GUIDED_DROP:g} in fp32)"] = guided
     _say(f"[3/5] timing FP32, {len(singles)} single-unit plans and the uniform baselines on ONNX Runtime "
          f"({opts.runs} runs each) ...")
     lat.measure_many([*base.values(), *singles.values()])

@@ -107,6 +107,17 @@ def test_weight_bits_respects_the_bits_budget_and_minimises_scores():
         baselines.weight_bits(s, DROPS, params, effective_bits=0)
 
 
+def test_scan_guided_keeps_the_units_that_alone_cost_more_than_the_threshold_float():
+    s = SearchSpace.build(KINDS, "ort-cpu", formats=["int8"])
+    a = baselines.scan_guided(s, "int8", DROPS, 0.4)
+    assert a == {"conv1": "fp32", "conv2": "int8", "add": "fp32", "conv3": "int8", "fc": "fp32"}
+    assert baselines.scan_guided(s, "int8", DROPS, 5.0) == baselines.uniform(s, "int8")
+    tied = SearchSpace.build(KINDS, "ort-cpu", formats=["int8"], ties=[(("conv2", "add"), "int8 add inputs")])
+    assert baselines.scan_guided(tied, "int8", DROPS, 0.6)["conv2"] == "fp32", "a tie's drops add up"
+    with pytest.raises(ConfigError, match="threshold must be >= 0"):
+        baselines.scan_guided(s, "int8", DROPS, -1)
+
+
 def test_greedy_reverts_the_most_sensitive_units_while_the_budget_holds():
     s = SearchSpace.build(KINDS, "ort-cpu", formats=["int8"])
     plan, reverted = baselines.greedy_fallback(s, "int8", DROPS, additive_latency, limit_ms=6.0)

@@ -6,6 +6,8 @@ greedy method, a latency callable. None imports torch.
 
 - ``uniform``: every unit that can run ``fmt`` in it (all-INT8).
 - ``weighted_only``: ``fmt`` on weighted layers only, functional ops float (what module-level tools produce).
+- ``scan_guided``: ``fmt`` everywhere except the units whose one-at-a-time drop exceeds a threshold (what a
+  user does by hand after reading ``mixq scan``'s table).
 - ``greedy_fallback``: the NVIDIA white-paper method: from all-``fmt``, revert the most sensitive units to
   float while the latency budget holds.
 - ``ilp``: HAWQ-V3 style: minimise summed single-unit drops under summed single-unit latency deltas,
@@ -48,6 +50,23 @@ def weighted_only(space: SearchSpace, fmt: str) -> Assignment:
         if weighted & set(g):
             weighted |= set(g)
     return {u: (f if u in weighted else "fp32") for u, f in base.items()}
+
+
+def scan_guided(space: SearchSpace, fmt: str, drops: Mapping[str, Mapping[str, float]],
+                threshold: float) -> Assignment:
+    """All-``fmt`` with every unit (or tie) whose one-at-a-time drop in ``fmt`` exceeds ``threshold`` points in fp32.
+
+    Raises:
+        ConfigError: a negative threshold.
+    """
+    if threshold < 0:
+        raise ConfigError(f"threshold must be >= 0 metric points, but got {threshold}.")
+    out = uniform(space, fmt)
+    f = get_format(fmt).name
+    for _, units, _ in space.parameters():
+        if sum(float(drops.get(u, {}).get(f, 0.0)) for u in units) > threshold:
+            out.update({u: "fp32" for u in units})
+    return out
 
 
 def _param_values(space: SearchSpace, per_unit: Mapping[str, Mapping[str, float]], fmt: str) -> dict[str, float]:
