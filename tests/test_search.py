@@ -177,6 +177,8 @@ def test_candidates_are_the_near_best_plans_fastest_first_then_the_next_best():
     assert got == [1, 0, 2, 7, 4]
     assert [r.number for r in candidates(recs, 10.0, tolerance=0.0, k=2)] == [2, 0]
     assert candidates([_rec(0, 20.0, 90.0)], 10.0) == []
+    # 98.2 - 0.1 is 98.10000000000001 in floating point: 98.1 is still within the tolerance
+    assert [r.number for r in candidates([_rec(0, 9.0, 98.2), _rec(1, 6.0, 98.1)], 10.0, 0.1, k=1)] == [1]
     with pytest.raises(ConfigError, match="k >= 1"):
         candidates(recs, 10.0, k=0)
 

@@ -27,6 +27,9 @@ class Retimed:
     margin_ms: float
 
 
+_EPS = 1e-9  # metrics are means of per-sample scores: 98.2 - 0.1 must still admit 98.1
+
+
 def _key(r: TrialRecord) -> tuple:
     return tuple(sorted(r.assignment.items()))
 
@@ -54,8 +57,8 @@ def candidates(records: list[TrialRecord], limit_ms: float, tolerance: float = 0
     if not pool:
         return []
     best = pool[0].metric
-    near = sorted((r for r in pool if r.metric >= best - tolerance), key=lambda r: (r.latency_ms, -r.metric))
-    rest = [r for r in pool if r.metric < best - tolerance]
+    near = sorted((r for r in pool if r.metric >= best - tolerance - _EPS), key=lambda r: (r.latency_ms, -r.metric))
+    rest = [r for r in pool if r.metric < best - tolerance - _EPS]
     return (near + rest)[:k]
 
 
@@ -70,4 +73,4 @@ def choose(cands: list[TrialRecord], retimed: Mapping[tuple, Retimed], tolerance
     if not ok:
         return None
     best = max(r.metric for r in ok)
-    return max((r for r in ok if r.metric >= best - tolerance), key=lambda r: (retimed[_key(r)].margin_ms, r.metric))
+    return max((r for r in ok if r.metric >= best - tolerance - _EPS), key=lambda r: (retimed[_key(r)].margin_ms, r.metric))
