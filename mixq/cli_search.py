@@ -54,7 +54,8 @@ def register(sub, add_task_args: Callable, task_of: Callable, run_dir_of: Callab
     p.add_argument("--candidates", type=int, default=5,
                    help="best trials re-timed in a fresh process before the plan is chosen (default 5)")
     p.add_argument("--metric-tolerance", type=float, default=0.1,
-                   help="search metrics within this many points count as equal; the faster re-timed plan wins "
+                   help="plans within this many metric points of the best are re-timed as candidates too (fastest "
+                        "first), so a near-best plan with more margin can stand in when the best misses the budget "
                         "(default 0.1)")
     p.add_argument("--sensitivity", default=None,
                    help="a sensitivity.json from `mixq scan --split search` of the same model, data and backend: "

@@ -137,7 +137,7 @@ def select_by_retiming(results: dict, lat: Any, calib: Any, d: Path, opts: Any, 
             verdict[PlanCache.key(c.assignment)] = Retimed(ok, t["median_ms"], m_ms)
             log[label].append({"trial": c.number, "metric": c.metric, "search_latency_ms": c.latency_ms,
                                "retimed_ms": t["median_ms"], "ratio": t["ratio"], "meets": ok, "margin_ms": m_ms})
-    chosen = {label: choose(cs, verdict, opts.metric_tolerance) for label, cs in cands.items()}
+    chosen = {label: choose(cs, verdict) for label, cs in cands.items()}
     for label, c in chosen.items():
         for row in log[label]:
             row["chosen"] = c is not None and row["trial"] == c.number

@@ -188,7 +188,7 @@ def selection_lines(summary: dict) -> list[str]:
          "A search's best trial is one in-process measurement on a shared machine, so its best candidates (the "
          f"feasible plans within {summary.get('metric_tolerance', 0.1):g} metric points of the best, fastest first, "
          "then the next best) were re-timed in a fresh process, interleaved with FP32; the chosen plan is the best "
-         "one that met the budget there (near-ties in the metric go to the larger re-timed margin). The figures "
+         "one that met the budget there (equal metrics go to the larger re-timed margin). The figures "
          "below come from a second, independent re-timing.", "",
          "| study | trial | search metric | search ms | re-timed ms | x FP32 | meets | chosen |",
          "|---|---:|---:|---:|---:|---:|---|---|"]

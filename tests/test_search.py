@@ -187,10 +187,12 @@ def test_choose_takes_the_best_plan_that_meets_the_budget_when_re_timed():
     from mixq.search.choose import Retimed, choose
 
     a, b, c = _rec(0, 9.0, 90.0), _rec(1, 8.0, 89.95), _rec(2, 7.0, 88.0)
+    d = _rec(3, 8.5, 90.0, plan={"u": "d"})
     key = lambda r: tuple(sorted(r.assignment.items()))
-    timed = {key(a): Retimed(True, 9.8, 0.2), key(b): Retimed(True, 8.5, 1.5), key(c): Retimed(True, 7.0, 3.0)}
-    assert choose([a, b, c], timed, tolerance=0.1).number == 1, "a near-tie goes to the larger re-timed margin"
-    assert choose([a, b, c], timed, tolerance=0.0).number == 0, "without tolerance the best metric wins"
+    timed = {key(a): Retimed(True, 9.8, 0.2), key(b): Retimed(True, 8.5, 1.5), key(c): Retimed(True, 7.0, 3.0),
+             key(d): Retimed(True, 9.0, 1.0)}
+    assert choose([a, b, c], timed).number == 0, "the best metric that meets the budget wins"
+    assert choose([a, b, c, d], timed).number == 3, "an equal metric goes to the larger re-timed margin"
     timed[key(a)] = Retimed(False, 10.4, -0.4)
     timed[key(b)] = Retimed(False, 10.1, -0.1)
     assert choose([a, b, c], timed).number == 2, "plans over budget when re-timed are not chosen"

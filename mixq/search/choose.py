@@ -3,9 +3,9 @@
 In-process latencies are single measurements on a shared machine: a plan measured just under the budget is
 as likely to be just over it when timed again, and plans whose search metrics differ by less than the
 metric's noise are equally good. So a search does not report its single best trial: it takes the few best
-feasible candidates (metric first, then the fastest), has them re-timed (the caller's callable: a fresh
-process, interleaved with FP32), and reports the best one that still meets the budget, breaking near-ties in
-the metric by the re-timed latency. The figures then reported come from a second, independent re-timing.
+feasible candidates (those within a tolerance of the best metric, fastest first, then the next best), has
+them re-timed (the caller's callable: a fresh process, interleaved with FP32), and reports the best one that
+still meets the budget, breaking ties in the metric by the re-timed margin. The figures then reported come from a second, independent re-timing.
 
 Plain data (imports no torch and no Optuna).
 """
@@ -62,15 +62,14 @@ def candidates(records: list[TrialRecord], limit_ms: float, tolerance: float = 0
     return (near + rest)[:k]
 
 
-def choose(cands: list[TrialRecord], retimed: Mapping[tuple, Retimed], tolerance: float = 0.1
-           ) -> Optional[TrialRecord]:
+def choose(cands: list[TrialRecord], retimed: Mapping[tuple, Retimed]) -> Optional[TrialRecord]:
     """The best candidate that meets the budget when re-timed (None when none does).
 
-    Among the candidates that meet it, those within ``tolerance`` of the best metric are equal, and the one
-    with the most re-timed margin wins.
+    The objective is the metric within the budget, so the highest search metric among those that meet it wins;
+    plans with the same metric go to the larger re-timed margin (the likelier to keep meeting it).
     """
     ok = [r for r in cands if retimed[_key(r)].meets]
     if not ok:
         return None
     best = max(r.metric for r in ok)
-    return max((r for r in ok if r.metric >= best - tolerance - _EPS), key=lambda r: (retimed[_key(r)].margin_ms, r.metric))
+    return max((r for r in ok if r.metric >= best - _EPS), key=lambda r: retimed[_key(r)].margin_ms)
