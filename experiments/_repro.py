@@ -1,6 +1,6 @@
 """Deterministic training and weight checksums for the example models.
 
-Every machine must train an example to the same weights, so that figures reproduce.
+Figures should reproduce, so training an example must give the same weights every time.
 Seeds, one thread and ``torch.use_deterministic_algorithms`` make a run repeatable on
 one machine, but not across machines: the kernels PyTorch picks depend on the CPU
 (AVX-512 and AVX2 builds of the same op round differently; measured here, the MNIST
@@ -21,6 +21,13 @@ MKL GEMM, which is covered by MKL's reproducibility guarantee. oneDNN's kernels 
 documented to be reproducible across CPUs (their blocking follows the cache sizes), but
 without it EfficientNet's depthwise convolutions run 3x slower, so that example keeps
 it on (pinned to AVX2) and says so.
+
+What this buys, measured: the same recipe twice on one machine gives the same bytes (a
+test retrains the MNIST ResNet and compares). Across machines it does not hold: three
+x86-64/AVX2 machines of this workplace, all pinned as above, trained the MNIST ResNet to
+three different weight hashes (same accuracy within a few digits). So tests pin
+repeatability and an accuracy band, not a hash, and a scan or search fingerprint made
+on one machine is refused on another (its weights differ).
 ``state_sha256`` fingerprints the result so a test can pin it.
 """
 
@@ -30,7 +37,6 @@ import collections
 import contextlib
 import hashlib
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -132,24 +138,6 @@ def train_in_child(module: str, path: Path, timeout_s: float = 3600.0) -> float:
     if returncode != 0 or not path.exists():
         raise RuntimeError(f"training {module} failed (exit {returncode}); its output ends:\n{''.join(tail)}")
     return seconds
-
-
-def pinned_kernels_available() -> bool:
-    """Return whether this CPU runs the kernels ``PINNED_ENV`` pins (x86-64 with AVX2).
-
-    Elsewhere (ARM, old x86) training is still repeatable on the machine, but its weights
-    differ from the checksums the tests pin.
-
-    Returns:
-        True on x86-64 Linux when ``/proc/cpuinfo`` lists ``avx2``.
-    """
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return " avx2" in fh.read()
-    except OSError:
-        return False
 
 
 def state_sha256(state: Mapping[str, torch.Tensor]) -> str:

@@ -11,8 +11,9 @@ Model: conv stem, three stages of BasicBlocks (16, 32, 64 channels; stages 2 and
 downsample with a 1x1 conv shortcut), global average pooling, Linear head.
 It is trained once per machine, deterministically (see ``_repro``: a child process
 with pinned CPU kernels, seeded init and data order, one thread, deterministic
-algorithms, no oneDNN; 2-3 minutes), so every x86-64 machine with AVX2 gets the
-same weights (``WEIGHTS_SHA256``) and the same figures; the state_dict is cached
+algorithms, no oneDNN; 2-3 minutes), so training again on the same machine gives the
+same bytes (other machines get other bytes, same accuracy within a few digits: see
+``_repro``); the state_dict is cached
 outside the repository (see ``_cache``) under a hash of the recipe.
 
 Metric: per-sample top-1 accuracy in percent (100.0 if argmax equals the label,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from experiments import minilm, mnist_resnet, resnet18
-from experiments._repro import deterministic, pinned_kernels_available, state_sha256, train_in_child
+from experiments._repro import deterministic, state_sha256, train_in_child
 
 
 def _rows(x: torch.Tensor) -> set[bytes]:
@@ -224,22 +224,25 @@ def test_resnet18_fx_trace_matches() -> None:
 
 # ---------------------------------------------------------------- deterministic training (_repro)
 
-# What the MNIST recipe gives on every x86-64 CPU with AVX2 (see experiments/_repro.py).
-MNIST_WEIGHTS_SHA256 = "81d31bf179b49ee6bca75085ba4e4e5b6464e87f0325533765137f499be1de35"
-MNIST_FP32_CORRECT = 982  # of 1,000 held-out digits: 98.2%
+# The pinned kernels make training repeatable on one machine, not bit-identical across machines: CI machines
+# of this workplace with the same pins gave three different weight hashes (81d31bf1..., a2d19bd3..., and another
+# here). So a test pins what holds everywhere: the same recipe twice on this machine gives the same bytes, and
+# the accuracy lands in a narrow band around what every machine has measured (98.2% on the recorded ones).
+MNIST_FP32_CORRECT_BAND = (976, 988)  # of 1,000 held-out digits
 
 
 @pytest.mark.slow
-def test_mnist_weights_and_fp32_accuracy_are_pinned() -> None:
-    if not pinned_kernels_available():
-        pytest.skip("the pinned weights are those of x86-64 CPUs with AVX2; this CPU has other kernels")
-    net = mnist_resnet.model()
+def test_mnist_training_is_repeatable_here_and_accurate(tmp_path) -> None:
+    net = mnist_resnet.model()  # the cached weights (trained on first use)
     with torch.no_grad():
         scores = mnist_resnet.metric(
             [net(x) for x, _ in mnist_resnet.eval_data()], [y for _, y in mnist_resnet.eval_data()]
         )
-    assert state_sha256(net.state_dict()) == MNIST_WEIGHTS_SHA256
-    assert int(round(scores.sum() / 100.0)) == MNIST_FP32_CORRECT
+    correct = int(round(scores.sum() / 100.0))
+    assert MNIST_FP32_CORRECT_BAND[0] <= correct <= MNIST_FP32_CORRECT_BAND[1], correct
+    again = tmp_path / "again.pt"
+    train_in_child("experiments.mnist_resnet", again)  # the recipe once more, in a fresh pinned child
+    assert state_sha256(torch.load(again, map_location="cpu", weights_only=True)) == state_sha256(net.state_dict())
 
 
 def test_deterministic_sets_and_restores_settings() -> None:
