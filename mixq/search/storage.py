@@ -71,7 +71,8 @@ def dashboard_url(url: Optional[str], default_path: Path) -> str:
     return mask_url(url)
 
 
-def open_storage(url: Optional[str], default_path: Path, exclusive: bool = False) -> Any:
+def open_storage(url: Optional[str], default_path: Path, exclusive: bool = False,
+                 heartbeat_s: Optional[int] = 10) -> Any:
     """Open an Optuna storage.
 
     Args:
@@ -81,6 +82,9 @@ def open_storage(url: Optional[str], default_path: Path, exclusive: bool = False
         exclusive: the caller holds the only right to write this journal (e.g. it locked the run folder): a
             journal lock file left by a writer killed while it held it is removed (Optuna would wait 30 s and
             then break it).
+        heartbeat_s: RDB storages: each RUNNING trial records a heartbeat this often; a trial that missed
+            three is failed by the next worker that looks and its plan re-queued (``mixq.search.workers.requeue``),
+            so a worker killed on another machine loses only its trial in flight. None: no heartbeats.
 
     Returns:
         An Optuna ``BaseStorage``.
@@ -120,7 +124,16 @@ def open_storage(url: Optional[str], default_path: Path, exclusive: bool = False
             raise ConfigError(f"storage {mask_url(url)!r}: the folder {str(Path(path).parent)!r} does not exist "
                               f"({valid}).")
     try:
-        return optuna.storages.RDBStorage(url)
+        if heartbeat_s is None:
+            return optuna.storages.RDBStorage(url)
+        import warnings
+
+        from mixq.search.workers import requeue
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=int(heartbeat_s), grace_period=3 * int(heartbeat_s),
+                                              heartbeat_stale_trial_callback=requeue)
     except ImportError as e:  # Optuna re-raises a missing driver as a plain ImportError
         driver = getattr(e, "name", None) or _DRIVERS.get(scheme, "its database driver")
         raise ConfigError(f"storage {mask_url(url)!r} needs the Python package {driver} (the {scheme} driver), "
