@@ -223,12 +223,14 @@ def run_search(space: SearchSpace, evaluate: Callable[[Assignment], float], late
         check_fingerprint(study, fingerprint, storage_text)
     shared = _w.SharedLatencies(study, latency, latency_setup, lock) if latency_setup is not None else None
     cache = cache if cache is not None else PlanCache()
-    with _w.LatencyLock(_w.default_lock_path().with_name(f"mixq-reap-{_w.plan_digest({'s': study.study_name})}"
-                                                          ".lock")):
-        failed, left = _w.reap(study, exclusive, is_dead)  # one reaper per machine at a time: no plan re-queued twice
+    # one process of this machine at a time re-queues dead workers' plans and enqueues the baselines: none twice
+    reap_lock = _w.LatencyLock(_w.default_lock_path().with_name(
+        f"mixq-reap-{_w.plan_digest({'s': study.study_name})}.lock"))
+    with reap_lock:
+        failed, left = _w.reap(study, exclusive, is_dead)
+        enqueued = _enqueue_baselines(study, space, warm_start or {})
     before = finished_records(study, space, sampler)
     _fill(cache, before)
-    enqueued = _enqueue_baselines(study, space, warm_start or {})
     fp32_plan = {u: "fp32" for u in space.kinds}
     recorded = study.user_attrs.get(_w.FP32_ATTR)
     if recorded is not None:
@@ -306,8 +308,7 @@ def run_search(space: SearchSpace, evaluate: Callable[[Assignment], float], late
     try:
         while True:
             if not exclusive:
-                with _w.LatencyLock(_w.default_lock_path().with_name(
-                        f"mixq-reap-{_w.plan_digest({'s': study.study_name})}.lock")):
+                with reap_lock:
                     reaped += _w.reap(study, False, is_dead)[0]
             c = _w.counts(study)
             if c["complete"] >= n_trials:

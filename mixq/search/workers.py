@@ -34,6 +34,7 @@ SETUP_ATTR = "mixq_latency_setup"
 FP32_ATTR = "mixq_fp32_ms"
 SURPLUS_ATTR = "mixq_surplus"
 HEARTBEAT_S = 10  # RDB storages: a trial is stale after 3 heartbeats missed
+ORPHAN_S = 120.0  # a RUNNING trial that never said which worker runs it (killed between ask and its first write)
 
 
 def plan_digest(assignment: Mapping[str, str]) -> str:
@@ -211,7 +212,10 @@ def reap(study: Any, exclusive: bool, is_dead: Callable[[Any], Optional[bool]]) 
         failed += [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
                    if t.number not in before and not t.user_attrs.get(SURPLUS_ATTR)]
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        dead = True if exclusive else is_dead(t.user_attrs.get("worker"))
+        worker = t.user_attrs.get("worker")
+        dead = True if exclusive else is_dead(worker)
+        if worker is None and dead is None and t.datetime_start is not None:
+            dead = time.time() - t.datetime_start.timestamp() > ORPHAN_S
         if dead is not True:
             left.append(t.number)
             continue
