@@ -246,3 +246,45 @@ def test_a_trial_whose_heartbeat_stopped_is_failed_and_its_plan_re_queued(pg_url
     retry = [t for t in ts if t.user_attrs.get("retry_of") == lost.number]
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and space.from_params(retry[0].params) == plan
     assert len(res.records) == 6
+
+
+# ----------------------------------------------------------------------------- the command
+def _cmd(run_dir: Path, *extra: str) -> list[str]:
+    from test_search_cli import SPECS
+
+    return ["search", *SPECS, "--run-dir", str(run_dir), "--runs", "20", "--rounds", "2", "--retime-seconds", "0.05",
+            "--no-progress", "--budget", "0.8x", "--no-random-baseline", *extra]
+
+
+def test_the_command_with_two_workers_finishes_the_study_and_reports_each_worker(tmp_path, monkeypatch):
+    from mixq.cli import main
+
+    monkeypatch.setenv("MIXQ_LATENCY_LOCK", str(tmp_path / "latency.lock"))
+    monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{TESTS}")
+    assert main(_cmd(tmp_path / "run", "--trials", "12", "--workers", "2")) == 0
+    out = json.loads((tmp_path / "run" / "search.json").read_text())
+    assert [w["worker"] for w in out["workers"]] == [0, 1] and all("returncode" not in w for w in out["workers"])
+    assert len(out["search"]["records"]) == 12 and len({r["number"] for r in out["search"]["records"]}) == 12
+    assert sum(w["trials"] for w in out["workers"]) == 12
+
+
+def test_bad_worker_input(tmp_path, capsys, monkeypatch):
+    from mixq.cli import main
+
+    monkeypatch.setenv("MIXQ_LATENCY_LOCK", str(tmp_path / "latency.lock"))
+    assert main(_cmd(tmp_path / "a", "--join")) == 2
+    err = capsys.readouterr().err
+    assert "--join: there is no study 'test_search_cli-0.8x'" in err and "without --join" in err
+    assert main(_cmd(tmp_path / "a", "--workers", "0")) == 2
+    assert "--workers must be at least 1, but got 0" in capsys.readouterr().err
+    assert main(_cmd(tmp_path / "a", "--join", "--storage", "postgresql://me:s3cret@127.0.0.1:1/db")) == 2
+    err = capsys.readouterr().err
+    assert "does not open" in err and "me:***@127.0.0.1:1/db" in err and "s3cret" not in err
+    specs = ["--eval", "test_search_cli:other_eval_data"]
+    assert main(_cmd(tmp_path / "b", "--trials", "3")) == 0  # a study of this model and data
+    capsys.readouterr()
+    assert main([*_cmd(tmp_path / "b", "--trials", "3", "--join"), *specs]) == 2
+    assert "the search-split data" in capsys.readouterr().err
+    cores = len(os.sched_getaffinity(0))
+    main([*_cmd(tmp_path / "c", "--workers", str(cores + 1), "--budget", "fast")])
+    assert f"--workers {cores + 1} is more than the {cores} core(s)" in capsys.readouterr().err

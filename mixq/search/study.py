@@ -149,7 +149,7 @@ def run_search(space: SearchSpace, evaluate: Callable[[Assignment], float], late
                fingerprint: Optional[Mapping[str, Any]] = None, storage_text: str = "the storage",
                exclusive: bool = False, cache: Optional[PlanCache] = None, fp32_ms: Optional[float] = None,
                label: str = "search", latency_setup: Any = None, lock: Optional[_w.LatencyLock] = None,
-               poll_s: float = 0.5) -> SearchResult:
+               poll_s: float = 0.5, on_ready: Optional[Callable[[Any], None]] = None) -> SearchResult:
     """Search ``space`` for the plan with the best metric under ``budget`` (or the metric/latency front).
 
     Several processes (on one machine or several) may run this on one study at once: each stops when the study
@@ -187,6 +187,9 @@ def run_search(space: SearchSpace, evaluate: Callable[[Assignment], float], late
             were measured with another setup is refused.
         lock: the machine's latency lock, held while measuring (None: no lock).
         poll_s: seconds between looks at the study while other workers finish its last trials.
+        on_ready: called once the study is ready for other workers (dead trials re-queued, baselines enqueued,
+            FP32 latency recorded), with the study's ``SharedLatencies`` (or None); e.g. to start more workers.
+            From then on this process is no longer ``exclusive``.
 
     Returns:
         A SearchResult over every finished trial of the study.
@@ -245,6 +248,9 @@ def run_search(space: SearchSpace, evaluate: Callable[[Assignment], float], late
         shared.publish(fp32_plan, fp32_ms)
     limit = budget.limit_ms(fp32_ms) if budget is not None else None
     me = worker_id()
+    if on_ready is not None:
+        on_ready(shared)
+        exclusive = False
 
     def objective(trial, t_ask: float, s_ask: float) -> tuple:
         if not exclusive:  # another process may resume the study: say who runs this trial (one more write)
