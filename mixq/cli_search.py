@@ -88,6 +88,11 @@ def options_of(args: argparse.Namespace):
     from mixq.search import SAMPLERS, Budget
     from mixq.search_run import SearchOptions
 
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.workers > cores:
+        print(f"mixq: warning: --workers {args.workers} is more than the {cores} core(s) this process may use: "
+              "workers will wait for cores, and the time they wait is counted in their latency measurements "
+              f"(wall clock) or stretches them; use --workers {cores} or fewer for clean timings.", file=sys.stderr)
     if args.budget is None and not args.front:
         raise MixqError("give a latency budget (--budget 0.6x, or --budget 6.5ms), or --front for the Pareto front.")
     budget = Budget.parse(args.budget) if args.budget is not None else None
@@ -148,11 +153,6 @@ def cmd_search(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable
     if useless:
         raise MixqError(f"format(s) {', '.join(useless)} run on no unit kind of {be.name}; formats it runs: "
                         f"{', '.join(sorted({f for fs in be.formats.values() for f in fs if f != 'fp32'}))}.")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if opts.workers > cores:
-        print(f"mixq: warning: --workers {opts.workers} is more than the {cores} core(s) this process may use: "
-              "workers will wait for cores, and the time they wait is counted in their latency measurements "
-              f"(wall clock) or stretches them; use --workers {cores} or fewer for clean timings.", file=sys.stderr)
     task = task_of(args)
     d = Path(run_dir_of(args, task))
     default = d / search_run.JOURNAL
