@@ -48,7 +48,7 @@ def worker(args: argparse.Namespace) -> None:
 
     journal = Path(args.out_dir) / "bench.journal"
     t0 = time.time()
-    res = run_search(space, metric, lat, args.trials, Budget.parse(args.budget), sampler="tpe",
+    res = run_search(space, metric, lat, args.trials, Budget.parse(args.budget), front=args.front, sampler="tpe",
                      seed=args.seed + 1000 * args.index, storage=open_storage(str(journal), journal),
                      study_name=args.study, exclusive=False, latency_setup={**lat.setup.to_dict(), "runs": args.runs},
                      lock=LatencyLock(), fingerprint={"bench": args.example, "budget": args.budget})
@@ -67,6 +67,8 @@ def main() -> None:
     p.add_argument("--workers", default="1,2")
     p.add_argument("--budget", default="0.8x")
     p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--front", action="store_true", help="two objectives: every plan is evaluated, so each trial "
+                                                         "is the same work (budget mode skips over-budget plans)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="reports/bench_workers_minilm")
     p.add_argument("--work-dir", default=None, help="where the calibrated model and the journal go")
@@ -99,7 +101,7 @@ def main() -> None:
         study = f"bench-{n}-workers"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         cmd = [sys.executable, __file__, "--worker", "--example", args.example, "--trials", str(args.trials),
-               "--budget", args.budget, "--runs", str(args.runs), "--seed", str(args.seed), "--study", study,
+               "--budget", args.budget, *(["--front"] if args.front else []), "--runs", str(args.runs), "--seed", str(args.seed), "--study", study,
                "--out-dir", str(work)]
         procs = [subprocess.Popen([*cmd, "--index", str(k)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env=env) for k in range(n)]
@@ -113,8 +115,10 @@ def main() -> None:
         split = {k: sum(o["timing"][k] for o in outs) for k in ("evaluate_s", "measure_s", "lock_wait_s",
                                                                  "storage_s", "sampler_s", "idle_s")}
         best = max((o["best"] for o in outs if o["best"]), key=lambda b: b["metric"], default=None)
+        evaluated = sum(o["timing"]["evaluated"] for o in outs)
         rows.append({"workers": n, "trials": args.trials, "wall_s": span, "trials_per_min": 60 * args.trials / span,
-                     "per_worker_trials": [o["timing"]["trials"] for o in outs], "split_s": split,
+                     "per_worker_trials": [o["timing"]["trials"] for o in outs], "split_s": split, "evaluated": evaluated,
+                     "s_per_evaluation": split["evaluate_s"] / max(evaluated, 1),
                      "measured": sum(o["timing"]["measured_here"] or 0 for o in outs),
                      "reused": sum(o["timing"]["latencies_reused"] or 0 for o in outs), "best": best,
                      "fp32_ms": outs[0]["fp32_ms"], "limit_ms": outs[0]["limit_ms"]})
@@ -127,18 +131,20 @@ def main() -> None:
            "cores": len(os.sched_getaffinity(0)), "loadavg_before": load, "loadavg_after": os.getloadavg(),
            "rows": rows}
     head = ("| workers | trials | wall s | trials/min | speedup | evaluate s | measure s | lock wait s | storage s | "
-            "sampler s | idle s | plans measured / reused | best metric (latency ms) |")
-    lines = [head, "|" + "---|" * 13]
+            "sampler s | idle s | evaluated (s each) | plans measured / reused | best metric (latency ms) |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         s = r["split_s"]
         b = r["best"]
         lines.append(f"| {r['workers']} | {r['trials']} | {r['wall_s']:.0f} | {r['trials_per_min']:.2f} | "
                      f"{r['speedup']:.2f}x | {s['evaluate_s']:.0f} | {s['measure_s']:.0f} | {s['lock_wait_s']:.1f} | "
-                     f"{s['storage_s']:.1f} | {s['sampler_s']:.1f} | {s['idle_s']:.1f} | {r['measured']} / "
+                     f"{s['storage_s']:.1f} | {s['sampler_s']:.1f} | {s['idle_s']:.1f} | {r['evaluated']} "
+                     f"({r['s_per_evaluation']:.1f}) | {r['measured']} / "
                      f"{r['reused']} | " + (f"{b['metric']:.2f} ({b['latency_ms']:.2f})" if b else "none") + " |")
     table = "\n".join(lines)
     print(table)
-    md = (f"# Several workers on one study: {args.example}\n\nCommand: `{out['command']}`\n\n{out['cores']} cores; "
+    mode = "two objectives (--front: every plan evaluated)" if args.front else f"budget {args.budget}"
+    md = (f"# Several workers on one study: {args.example}, {mode}\n\nCommand: `{out['command']}`\n\n{out['cores']} cores; "
           f"load average before {load[0]:.2f}, after {out['loadavg_after'][0]:.2f} (the machine is shared with "
           f"other jobs). FP32 {rows[0]['fp32_ms']:.3f} ms, budget {args.budget} = {rows[0]['limit_ms']:.3f} ms.\n\n"
           f"{table}\n\nSeconds are summed over the workers; wall s is from the first worker's start of the study "

@@ -521,7 +521,9 @@ def start_local_workers(d: Path, opts: SearchOptions, storage_text: str) -> list
             continue
         argv.append(a)
     storage = opts.storage if opts.storage is not None else str(d / JOURNAL)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    root = str(Path(__file__).resolve().parents[1])  # the workers run this very mixq, wherever it was imported from
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": path}
     procs = []
     for k in range(1, opts.workers):
         cmd = [sys.executable, "-m", "mixq.cli", *argv, "--run-dir", str(d), "--storage", storage, "--join",
