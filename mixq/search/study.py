@@ -328,8 +328,9 @@ def run_search(space: SearchSpace, evaluate: Callable[[Assignment], float], late
             if not exclusive and _w.is_surplus(study, trial, n_trials):  # another worker asked at the same time
                 trial.set_user_attr(_w.SURPLUS_ATTR, True)
                 study.tell(trial, state=TrialState.FAIL)
-                if trial.system_attrs.get("fixed_params") is not None:
-                    study.enqueue_trial(dict(trial.system_attrs["fixed_params"]), user_attrs={
+                fixed = study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
+                if fixed is not None:  # a queued plan (a baseline, a retry) stays queued for whoever goes on
+                    study.enqueue_trial(dict(fixed), user_attrs={
                         k: v for k, v in trial.user_attrs.items() if k in ("baseline", "retry_of")})
                 surplus += 1
                 continue
