@@ -328,10 +328,8 @@ def run_search(space: SearchSpace, evaluate: Callable[[Assignment], float], late
             if not exclusive and _w.is_surplus(study, trial, n_trials):  # another worker asked at the same time
                 trial.set_user_attr(_w.SURPLUS_ATTR, True)
                 study.tell(trial, state=TrialState.FAIL)
-                fixed = study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
-                if fixed is not None:  # a queued plan (a baseline, a retry) stays queued for whoever goes on
-                    study.enqueue_trial(dict(fixed), user_attrs={
-                        k: v for k, v in trial.user_attrs.items() if k in ("baseline", "retry_of")})
+                # not re-queued even when it was a queued plan: n trials before it are live, and should one of
+                # them die, its own plan is re-queued; re-queuing this one too would leave it waiting forever
                 surplus += 1
                 continue
             try:
