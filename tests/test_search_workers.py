@@ -40,7 +40,10 @@ from mixq.search.workers import LatencyLock
 log = open({log!r}, "a")
 
 def metric(a):
+    busy = Path({busy!r}) / str(os.getpid())
+    busy.touch()  # the test kills a worker only while this exists: mid-trial
     time.sleep(0.25)
+    busy.unlink()
     log.write(json.dumps({{"pid": os.getpid(), "evaluated": a}}) + "\\n")
     log.flush()
     return c_metric(a)
@@ -114,25 +117,18 @@ def _trials(storage: str):
     return st.get_trials(deepcopy=False)
 
 
-def _kill_mid_trial(proc: subprocess.Popen, storage: str, delay: float, timeout: float = 60.0) -> int:
-    """After ``delay`` s, SIGKILL ``proc`` as soon as it runs a trial; return that trial's number."""
-    from optuna.trial import TrialState
-
+def _kill_mid_trial(proc: subprocess.Popen, busy: Path, delay: float, timeout: float = 60.0) -> None:
+    """After ``delay`` s, SIGKILL ``proc`` as soon as it is evaluating a plan (so it holds a RUNNING trial)."""
     time.sleep(delay)
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
             raise AssertionError("the worker ended before it was killed: " + proc.stderr.read()[-2000:])
-        try:
-            mine = [t.number for t in _trials(storage) if t.state == TrialState.RUNNING
-                    and (t.user_attrs.get("worker") or {}).get("pid") == proc.pid]
-        except (KeyError, ValueError):
-            mine = []
-        if mine:
+        if (busy / str(proc.pid)).exists():
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-            return mine[0]
-        time.sleep(0.01)
+            return
+        time.sleep(0.005)
     raise AssertionError("the worker never ran a trial to be killed in")
 
 
@@ -141,20 +137,29 @@ def _run_workers(storage: str, log: Path, env: dict, trials: int = 30, kills: in
     """Three workers; worker 0 killed ``kills`` times mid-trial at random moments (and started again each time).
 
     Returns:
-        (trial numbers running at the kills, the timing dicts the workers printed)
+        (numbers of the trials the killed workers were running, the timing dicts the workers printed)
     """
-    code = WORKER.format(tests=str(TESTS), log=str(log), storage=storage, trials=trials, no_lock=no_lock)
+    busy = log.parent / "busy"
+    busy.mkdir(exist_ok=True)
+    code = WORKER.format(tests=str(TESTS), log=str(log), storage=storage, trials=trials, no_lock=no_lock,
+                         busy=str(busy))
     procs = [_start(code, s, env) for s in (0, 1, 2)]
     rng = random.Random(seed)
-    killed = []
+    pids = []
     for k in range(kills):
-        killed.append(_kill_mid_trial(procs[0], storage, rng.uniform(0.1, 0.8)))
+        _kill_mid_trial(procs[0], busy, rng.uniform(0.1, 0.8))
+        pids.append(procs[0].pid)
         procs[0] = _start(code, 10 + k, env)  # the same command again
     timings = []
     for p in procs:
         out, err = p.communicate(timeout=180)
         assert p.returncode == 0, err[-3000:]
         timings.append(json.loads(out.strip().splitlines()[-1]))
+    from optuna.trial import TrialState
+
+    killed = [t.number for t in _trials(storage) if t.state == TrialState.FAIL
+              and (t.user_attrs.get("worker") or {}).get("pid") in pids and not t.user_attrs.get("mixq_surplus")]
+    assert len(killed) == kills, f"{kills} kills mid-trial, but the trials of the killed workers that failed: {killed}"
     return killed, timings
 
 
