@@ -17,6 +17,7 @@ within the budget (every plan is then evaluated, over budget or not, to draw the
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -60,6 +61,14 @@ def register(sub, add_task_args: Callable, task_of: Callable, run_dir_of: Callab
     p.add_argument("--sensitivity", default=None,
                    help="a sensitivity.json from `mixq scan --split search` of the same model, data and backend: "
                         "used instead of the search's own one-at-a-time scan (refused by fingerprint otherwise)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes working on the study on this machine, one core and one intra-op thread each; "
+                        "latency measurements take turns (a machine-wide lock) and are shared through the study")
+    p.add_argument("--join", action="store_true",
+                   help="join an existing study as one more worker (e.g. on another machine, with --storage "
+                        "postgresql://...): run trials until the study holds --trials, then exit; the command "
+                        "that started the study writes the report")
+    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     from mixq.cli_deploy import add_batch_axis_arg
 
@@ -79,6 +88,11 @@ def options_of(args: argparse.Namespace):
     from mixq.search import SAMPLERS, Budget
     from mixq.search_run import SearchOptions
 
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.workers > cores:
+        print(f"mixq: warning: --workers {args.workers} is more than the {cores} core(s) this process may use: "
+              "workers will wait for cores, and the time they wait is counted in their latency measurements "
+              f"(wall clock) or stretches them; use --workers {cores} or fewer for clean timings.", file=sys.stderr)
     if args.budget is None and not args.front:
         raise MixqError("give a latency budget (--budget 0.6x, or --budget 6.5ms), or --front for the Pareto front.")
     budget = Budget.parse(args.budget) if args.budget is not None else None
@@ -103,6 +117,12 @@ def options_of(args: argparse.Namespace):
                         "`mixq scan --split search` wrote.")
     if args.study is not None and not args.study.strip():
         raise MixqError("--study must be a non-empty name.")
+    if args.workers < 1:
+        raise MixqError(f"--workers must be at least 1, but got {args.workers}.")
+    if args.join and args.workers != 1:
+        raise MixqError("--join adds one worker to a running study; leave --workers out (or start several --join).")
+    if args.join and args.fresh:
+        raise MixqError("--join works on an existing study; --fresh would discard it. Leave one of them out.")
     formats = [get_format(f.strip()).name for f in args.formats.split(",") if f.strip()]
     if not formats or formats == ["fp32"]:
         raise MixqError(f"--formats {args.formats!r} names no low format; give e.g. int8.")
@@ -114,7 +134,8 @@ def options_of(args: argparse.Namespace):
                          candidates=args.candidates, metric_tolerance=args.metric_tolerance,
                          sensitivity=args.sensitivity,
                          progress=not args.no_progress, command="mixq " + shlex.join(getattr(args, "argv", sys.argv[1:])),
-                         batch_axis=batch_axis_of(args))
+                         batch_axis=batch_axis_of(args), workers=args.workers, join=args.join,
+                         worker_index=args.worker_index, argv=list(getattr(args, "argv", sys.argv[1:])))
 
 
 def cmd_search(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable) -> int:
@@ -135,6 +156,17 @@ def cmd_search(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable
     task = task_of(args)
     d = Path(run_dir_of(args, task))
     default = d / search_run.JOURNAL
+    if opts.join:
+        storage = open_storage(opts.storage, default)
+        name = search_run.study_name(task.name, opts)
+        text = describe_storage(opts.storage, default)
+        try:
+            storage.get_study_id_from_name(name)
+        except KeyError:
+            raise MixqError(f"--join: there is no study {name!r} in {text}; start it first with the same command "
+                            "without --join (and the same --storage), or give the --study name it has.") from None
+        search_run.join(task, d, backend, opts, storage, text)
+        return 0
     lock = search_run.lock_run_dir(d)
     try:
         # the run folder is ours: a journal lock file there was left by a killed search

@@ -15,6 +15,7 @@ Stages (each cached in ``RUN/search-cache/`` under one fingerprint, so a rerun a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -53,6 +54,10 @@ class SearchOptions:
     progress: bool = True
     command: str = ""
     batch_axis: Any = 0
+    workers: int = 1
+    join: bool = False
+    worker_index: int = 0
+    argv: list = field(default_factory=list)
 
 
 def _say(text: str) -> None:
@@ -339,7 +344,10 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
         base[f"scan-guided {low} (drop > {SCAN_GUIDED_DROP:g} in fp32)"] = guided
     _say(f"[3/5] timing FP32, {len(singles)} single-unit plans and the uniform baselines on ONNX Runtime "
          f"({opts.runs} runs each) ...")
-    lat.measure_many([*base.values(), *singles.values()])
+    from mixq.search.workers import LatencyLock
+
+    with LatencyLock():  # no other mixq process of this machine times at the same moment
+        lat.measure_many([*base.values(), *singles.values()])
     lat.save(lat_file)
     fp32_ms = lat(fp32_plan)
     deltas = {}
@@ -364,7 +372,8 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
     wb = baselines.weight_bits(space, fisher, params, bits_ref) if any(params.values()) else None
     if wb is not None:
         base[f"weight-bits (Fisher) {bits_ref:.1f} bits"] = wb
-    lat.measure_many(list(base.values()))
+    with LatencyLock():
+        lat.measure_many(list(base.values()))
     lat.save(lat_file)
     stages["latency_and_baselines_s"] = time.perf_counter() - t0
 
@@ -390,8 +399,28 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
                   progress=opts.progress)
     _say(f"[4/5] Optuna study {name!r} ({storage_text}): {opts.trials} trials ({opts.sampler}, seed {opts.seed}), "
          f"warm-started with {len(base)} baselines ...")
+    started: list = []
+    if opts.workers > 1:
+        pin(0)
+
+    def start_workers(shared) -> None:
+        """--workers N: this process is worker 0; N - 1 more join the study now that it is ready."""
+        if shared is not None:
+            for a, ms in lat.records():  # what stage 3 measured is measured for the whole study
+                shared.publish(a, ms)
+        started.extend(start_local_workers(d, opts, storage_text))
+
     res = run_search(space, metric_of, measured, opts.trials, sampler=opts.sampler, warm_start=base, study_name=name,
-                     label=f"search ({opts.sampler})", **common)
+                     label=f"search ({opts.sampler})", latency_setup=latency_setup(lat, opts),
+                     lock=LatencyLock(), on_ready=start_workers if opts.workers > 1 else None, **common)
+    worker_timings = [{"worker": 0, "pid": os.getpid(), **res.timing}] + collect_workers(started)
+    first = res
+    res = run_search(space, metric_of, measured, opts.trials, sampler=opts.sampler, study_name=name,
+                     label="", latency_setup=latency_setup(lat, opts), **{**common, "exclusive": False,
+                                                                          "progress": False}) \
+        if started else res  # every trial of every worker, now that all have ended
+    if started:
+        res.timing, res.resumed = worker_timings[0], first.resumed
     _resumed_note(res, notes)
     rand = None
     if opts.random_baseline:
@@ -442,7 +471,7 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
                "sensitivity": {"drops": drops, "fisher": fisher, "single_deltas_ms": deltas, "weights": params},
                "baselines": base, "rows": rows, "retime": retimed, "search": res.to_dict(),
                "random": rand.to_dict() if rand is not None else None, "notes": notes, "stages": stages,
-               "selection": selection, "metric_tolerance": opts.metric_tolerance, "chosen_trial": None if best is None else best.number}
+               "selection": selection, "workers": worker_timings, "metric_tolerance": opts.metric_tolerance, "chosen_trial": None if best is None else best.number}
     if best is not None:
         plan_of(best.assignment).save(d / "search-best.json")
     else:
@@ -464,3 +493,116 @@ def _resumed_note(res, notes: list) -> None:
     if r.get("running_left"):
         notes.append(f"study {res.study_name!r}: RUNNING trial(s) {r['running_left']} of another process were left "
                      "alone")
+
+
+# ----------------------------------------------------------------------------- several workers
+def latency_setup(lat, opts: SearchOptions) -> dict:
+    """What a latency of this search depends on: a study refuses latencies measured with anything else."""
+    return {**lat.setup.to_dict(), "runs": opts.runs, "warmup": lat.warmup}
+
+
+def start_local_workers(d: Path, opts: SearchOptions, storage_text: str) -> list:
+    """Start workers 1 .. N-1 of ``--workers N``: the same command with ``--join``, one core each.
+
+    Returns:
+        the processes (``subprocess.Popen``; their stdout's last line is their timing as JSON).
+    """
+    import subprocess
+
+    argv, skip = [], False
+    for a in opts.argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--workers", "--worker-index", "--storage", "--run-dir"):
+            skip = True
+            continue
+        if a.split("=")[0] in ("--workers", "--worker-index", "--storage", "--run-dir") or a in ("--fresh", "--join"):
+            continue
+        argv.append(a)
+    storage = opts.storage if opts.storage is not None else str(d / JOURNAL)
+    root = str(Path(__file__).resolve().parents[1])  # the workers run this very mixq, wherever it was imported from
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": path}
+    procs = []
+    for k in range(1, opts.workers):
+        cmd = [sys.executable, "-m", "mixq.cli", *argv, "--run-dir", str(d), "--storage", storage, "--join",
+               "--worker-index", str(k), "--no-progress"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    _say(f"[4/5] started {len(procs)} more worker process(es) on the study ({storage_text}): pids "
+         f"{', '.join(str(p.pid) for p in procs)}")
+    return procs
+
+
+def collect_workers(procs: list) -> list:
+    """Wait for the workers; their timings. A worker that failed is reported, its trials were re-queued."""
+    out = []
+    for k, p in enumerate(procs, start=1):
+        stdout, stderr = p.communicate()
+        if p.returncode != 0:
+            print(f"mixq: warning: worker {k} (pid {p.pid}) ended with status {p.returncode}: "
+                  f"{stderr.strip().splitlines()[-1] if stderr.strip() else ''}", file=sys.stderr)
+            out.append({"worker": k, "pid": p.pid, "returncode": p.returncode})
+            continue
+        try:
+            out.append({"worker": k, "pid": p.pid, **json.loads(stdout.strip().splitlines()[-1])})
+        except (ValueError, IndexError):
+            out.append({"worker": k, "pid": p.pid, "returncode": p.returncode})
+    return out
+
+
+def pin(index: int) -> None:
+    """One intra-op thread for torch, and (Linux; ``index >= 0``) one core for the process: worker k on core k."""
+    import torch
+
+    torch.set_num_threads(1)
+    if index >= 0 and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[index % len(cores)]})
+
+
+def join(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_text: str) -> dict:
+    """``--join``: work on an existing study until it holds ``--trials`` finished trials; print the timing.
+
+    The calibrated model comes from ``RUN/search-cache/calibrated`` (what the first worker saved) or is made
+    there (another machine). Nothing else is written to the run folder; the study holds the results.
+
+    Raises:
+        ConfigError: the study does not exist, or was made for another model / data / backend (fingerprint).
+    """
+    from mixq.latency.ort import OrtLatency
+    from mixq.search import SearchSpace, run_search
+    from mixq.search.workers import LatencyLock
+
+    name = study_name(task.name, opts)
+    pin(opts.worker_index if opts.worker_index else -1)  # a --join of its own keeps the cores it was given
+    search_data = task.search_fn() if task.search_fn is not None else task.eval_fn()
+    model, calib = task.model_fn(), task.calib_fn()
+    parts = fingerprint_parts(task, model, calib, search_data, backend, opts)
+    check_study_before_work(storage, name, parts, storage_text)
+    cache = d / CACHE
+    cache.mkdir(parents=True, exist_ok=True)
+    opts.progress = False
+    q = calibrated_model(model, calib, backend, opts, cache)
+    space = SearchSpace.build(q.mixq.kinds, backend, opts.formats)
+    from mixq.cli_deploy import float_graph_of
+
+    class _Args:
+        batch_axis = opts.batch_axis
+
+    lat = OrtLatency(q, _example_batch(calib[0]), runs=opts.runs, float_graph=float_graph_of(q, calib, _Args))
+    from mixq.evaluate import evaluate_plan
+    from mixq.plan import QuantPlan
+
+    def metric_of(a: dict) -> float:
+        plan = QuantPlan(backend=backend, default="fp32", layers={u: f for u, f in a.items() if f != "fp32"},
+                         calib_method=opts.calib_method)
+        return evaluate_plan(q, plan, search_data, task.metric_fn).metric
+
+    # each worker its own sampler seed: equal seeds on one history would propose equal plans
+    seed = opts.seed + 1000 * opts.worker_index if opts.worker_index else opts.seed + os.getpid()
+    res = run_search(space, metric_of, lat, opts.trials, budget=opts.budget, front=opts.front, sampler=opts.sampler,
+                     seed=seed, storage=storage, study_name=name, fingerprint=parts, storage_text=storage_text,
+                     exclusive=False, latency_setup=latency_setup(lat, opts), lock=LatencyLock())
+    print(json.dumps(res.timing), flush=True)
+    return res.timing

@@ -24,6 +24,9 @@ class TrialRecord:
             one more write, is counted in the session's total, ``SearchResult.timing``).
         sampler_s: the rest of the trial's Optuna time (the sampler, bookkeeping).
         screened: the latency is a predictor's, the plan was neither measured nor evaluated.
+        lock_wait_s: seconds the trial waited for the machine's latency lock (another worker was timing).
+        host: the machine of the worker that ran the trial ("" when not recorded).
+        measured_by: the machine that measured the plan's latency (None: cached, screened or not recorded).
     """
 
     number: int
@@ -37,6 +40,9 @@ class TrialRecord:
     storage_s: float = 0.0
     sampler_s: float = 0.0
     screened: bool = False
+    lock_wait_s: float = 0.0
+    host: str = ""
+    measured_by: Optional[str] = None
 
     @property
     def low_units(self) -> int:

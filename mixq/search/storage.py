@@ -71,7 +71,8 @@ def dashboard_url(url: Optional[str], default_path: Path) -> str:
     return mask_url(url)
 
 
-def open_storage(url: Optional[str], default_path: Path, exclusive: bool = False) -> Any:
+def open_storage(url: Optional[str], default_path: Path, exclusive: bool = False,
+                 heartbeat_s: Optional[int] = 10) -> Any:
     """Open an Optuna storage.
 
     Args:
@@ -81,6 +82,9 @@ def open_storage(url: Optional[str], default_path: Path, exclusive: bool = False
         exclusive: the caller holds the only right to write this journal (e.g. it locked the run folder): a
             journal lock file left by a writer killed while it held it is removed (Optuna would wait 30 s and
             then break it).
+        heartbeat_s: RDB storages: each RUNNING trial records a heartbeat this often; a trial that missed
+            three is failed by the next worker that looks and its plan re-queued (``mixq.search.workers.requeue``),
+            so a worker killed on another machine loses only its trial in flight. None: no heartbeats.
 
     Returns:
         An Optuna ``BaseStorage``.
@@ -107,7 +111,7 @@ def open_storage(url: Optional[str], default_path: Path, exclusive: bool = False
         if exclusive:
             Path(str(path) + ".lock").unlink(missing_ok=True)
         try:
-            return JournalStorage(JournalFileBackend(str(path)))
+            return JournalStorage(JournalFileBackend(str(path), lock_obj=_FlockLock(str(path) + ".flock")))
         except Exception as e:  # an unreadable journal (not Optuna's format) raises several types
             raise ConfigError(f"storage {str(path)!r} is not a readable Optuna journal ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); give another path ({valid}).") from None
@@ -119,8 +123,9 @@ def open_storage(url: Optional[str], default_path: Path, exclusive: bool = False
         if path and path != ":memory:" and not Path(path).parent.is_dir():
             raise ConfigError(f"storage {mask_url(url)!r}: the folder {str(Path(path).parent)!r} does not exist "
                               f"({valid}).")
+    url = _with_driver(url, scheme)
     try:
-        return optuna.storages.RDBStorage(url)
+        return _rdb(url, heartbeat_s)
     except ImportError as e:  # Optuna re-raises a missing driver as a plain ImportError
         driver = getattr(e, "name", None) or _DRIVERS.get(scheme, "its database driver")
         raise ConfigError(f"storage {mask_url(url)!r} needs the Python package {driver} (the {scheme} driver), "
@@ -129,6 +134,61 @@ def open_storage(url: Optional[str], default_path: Path, exclusive: bool = False
         first = str(e).splitlines()[0] if str(e) else ""
         raise ConfigError(f"storage {mask_url(url)!r} does not open: {type(e).__name__}: "
                           f"{_scrub(first, url)[:300]} ({valid}).") from None
+
+
+def _rdb(url: str, heartbeat_s: Optional[int]) -> Any:
+    import time
+    import warnings
+
+    import optuna
+
+    from mixq.search.workers import requeue
+
+    kw = {} if heartbeat_s is None else {"heartbeat_interval": int(heartbeat_s), "grace_period": 3 * int(heartbeat_s),
+                                         "heartbeat_stale_trial_callback": requeue}
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, **kw)
+        except Exception as e:  # several workers creating the tables of a new database at once: one wins
+            if attempt == 4 or type(e).__name__ != "IntegrityError":
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+class _FlockLock:
+    """The journal file's writer lock as an ``fcntl`` lock: the kernel releases it when its holder dies, so a
+    worker killed while appending does not stall the others (Optuna's own lock file waits 30 s, then breaks)."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self._fh = path, None
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        fh = open(self.path, "a")
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        self._fh = fh
+        return True
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _with_driver(url: str, scheme: str) -> str:
+    """``postgresql://`` with the driver that is installed: SQLAlchemy 2.1 means psycopg (3) by it, the test extra
+    installs psycopg2; ``postgres://`` is not a name SQLAlchemy knows."""
+    import importlib.util
+
+    m = _URL.match(url)
+    if scheme != "postgresql" and scheme != "postgres" or "+" in m.group("scheme"):
+        return url
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + m.group("rest")
+    return "postgresql://" + m.group("rest")
 
 
 def check_fingerprint(study: Any, parts: Mapping[str, Any], storage_text: str) -> bool:

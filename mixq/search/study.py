@@ -24,6 +24,7 @@ from mixq.search.budget import Budget
 from mixq.search.records import SearchResult, TrialRecord, best_feasible, best_so_far, pareto_front
 from mixq.search.space import Assignment, SearchSpace
 from mixq.search.storage import check_fingerprint, is_dead, worker_id
+from mixq.search import workers as _w
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 ATTR = "mixq"  # the user attr holding what a trial found
@@ -97,29 +98,6 @@ class _StorageClock:
         return (self._shared or self).seconds
 
 
-def _stale_running(study: Any, exclusive: bool) -> tuple[list, list]:
-    """Mark the RUNNING trials of dead processes FAIL; re-enqueue those that ran a fixed plan.
-
-    Returns:
-        (numbers failed, numbers of trials whose worker is unknown or on another host and were left alone).
-    """
-    from optuna.trial import TrialState
-
-    failed, left = [], []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        dead = True if exclusive else is_dead(t.user_attrs.get("worker"))
-        if dead is not True:
-            left.append(t.number)
-            continue
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        failed.append(t.number)
-        fixed = t.system_attrs.get("fixed_params")
-        if fixed is not None:
-            attrs = {k: v for k, v in t.user_attrs.items() if k in ("baseline",)}
-            study.enqueue_trial(dict(fixed), user_attrs={**attrs, "retry_of": t.number})
-    return failed, left
-
-
 def _record(t: Any, space: SearchSpace, sampler: str) -> Optional[TrialRecord]:
     info = t.user_attrs.get(ATTR)
     if info is None:
@@ -127,7 +105,9 @@ def _record(t: Any, space: SearchSpace, sampler: str) -> Optional[TrialRecord]:
     return TrialRecord(t.number, info.get("source", sampler), space.from_params(t.params), float(info["latency_ms"]),
                        info.get("metric"), bool(info["feasible"]), float(info.get("evaluate_s", 0.0)),
                        float(info.get("measure_s", 0.0)), float(info.get("storage_s", 0.0)),
-                       float(info.get("sampler_s", 0.0)), bool(info.get("screened", False)))
+                       float(info.get("sampler_s", 0.0)), bool(info.get("screened", False)),
+                       float(info.get("lock_wait_s", 0.0)), str((t.user_attrs.get("worker") or {}).get("host", "")),
+                       info.get("measured_by"))
 
 
 def finished_records(study: Any, space: SearchSpace, sampler: str = "") -> list[TrialRecord]:
@@ -168,17 +148,23 @@ def run_search(space: SearchSpace, evaluate: Callable[[Assignment], float], late
                screen: Optional[Callable[[Assignment], float]] = None, progress: bool = False,
                fingerprint: Optional[Mapping[str, Any]] = None, storage_text: str = "the storage",
                exclusive: bool = False, cache: Optional[PlanCache] = None, fp32_ms: Optional[float] = None,
-               label: str = "search") -> SearchResult:
+               label: str = "search", latency_setup: Any = None, lock: Optional[_w.LatencyLock] = None,
+               poll_s: float = 0.5, on_ready: Optional[Callable[[Any], None]] = None) -> SearchResult:
     """Search ``space`` for the plan with the best metric under ``budget`` (or the metric/latency front).
+
+    Several processes (on one machine or several) may run this on one study at once: each stops when the study
+    holds ``n_trials`` finished trials (never more), takes over the plans of dead workers' trials, and reuses
+    the latencies the others measured.
 
     Args:
         space: the per-unit choices.
         evaluate: plan -> task metric on the search split (higher is better, e.g. percent).
         latency: plan -> milliseconds (any LatencyModel; measured, cached by plan).
-        n_trials: finished trials the study should hold (enqueued baselines and trials of earlier sessions count).
+        n_trials: finished trials the study should hold (enqueued baselines, trials of earlier sessions and of
+            other workers count).
         budget: latency budget; required unless ``front`` (with ``front`` it marks the feasible plans).
         front: two objectives (metric, latency) instead of a constrained single objective; every plan is evaluated.
-        sampler: one of ``SAMPLERS``; seed: its seed.
+        sampler: one of ``SAMPLERS``; seed: its seed (give each worker its own).
         warm_start: name -> plan, enqueued as the first trials (the baselines).
         storage / study_name: an Optuna storage (None: in memory) and study name.
         over_budget_slack: a plan whose latency exceeds the budget by more than this fraction is not
@@ -190,17 +176,27 @@ def run_search(space: SearchSpace, evaluate: Callable[[Assignment], float], late
             on an existing one.
         storage_text: the storage as messages should name it (no password).
         exclusive: this process is the only one using the study (the run folder is locked), so every RUNNING
-            trial found is a dead process's; otherwise only trials whose worker is known dead are failed.
+            trial found is a dead process's; otherwise only trials whose worker is known dead (same host) or
+            whose heartbeat stopped (RDB storages opened with one) are failed and their plans re-queued.
         cache: plan caches shared with other studies of the same problem (filled from this study's trials).
-        fp32_ms: the FP32 latency the budget is relative to (default: ``latency`` of the all-fp32 plan).
+        fp32_ms: the FP32 latency the budget is relative to (default: the study's, else ``latency`` of the
+            all-fp32 plan); recorded on the study, so every worker uses the same budget.
         label: name of the progress bar.
+        latency_setup: what the latencies depend on (engine, CPU, threads, clock ...). Given, latencies are
+            shared through the study (a plan is measured once in the whole study) and a study whose latencies
+            were measured with another setup is refused.
+        lock: the machine's latency lock, held while measuring (None: no lock).
+        poll_s: seconds between looks at the study while other workers finish its last trials.
+        on_ready: called once the study is ready for other workers (dead trials re-queued, baselines enqueued,
+            FP32 latency recorded), with the study's ``SharedLatencies`` (or None); e.g. to start more workers.
+            From then on this process is no longer ``exclusive``.
 
     Returns:
         A SearchResult over every finished trial of the study.
 
     Raises:
         ConfigError: no budget in single-objective mode, bad counts, slack or sampler, a study made for
-            another search (fingerprint).
+            another search (fingerprint) or whose latencies come from another setup.
     """
     import optuna
     from optuna.trial import TrialState
@@ -228,22 +224,33 @@ def run_search(space: SearchSpace, evaluate: Callable[[Assignment], float], late
                           "--study name.")
     if fingerprint is not None:
         check_fingerprint(study, fingerprint, storage_text)
+    shared = _w.SharedLatencies(study, latency, latency_setup, lock) if latency_setup is not None else None
     cache = cache if cache is not None else PlanCache()
-    failed, left = _stale_running(study, exclusive)
+    # one process of this machine at a time re-queues dead workers' plans and enqueues the baselines: none twice
+    reap_lock = _w.LatencyLock(_w.default_lock_path().with_name(
+        f"mixq-reap-{_w.plan_digest({'s': study.study_name})}.lock"))
+    with reap_lock:
+        failed, left = _w.reap(study, exclusive, is_dead)
+        enqueued = _enqueue_baselines(study, space, warm_start or {})
     before = finished_records(study, space, sampler)
-    for r in before:
-        k = PlanCache.key(r.assignment)
-        if not r.screened:
-            cache.latencies.setdefault(k, r.latency_ms)
-        if r.metric is not None:
-            cache.metrics.setdefault(k, r.metric)
-    enqueued = _enqueue_baselines(study, space, warm_start or {})
+    _fill(cache, before)
     fp32_plan = {u: "fp32" for u in space.kinds}
+    recorded = study.user_attrs.get(_w.FP32_ATTR)
+    if recorded is not None:
+        fp32_ms = float(recorded)
     if fp32_ms is None:
         fp32_ms = cache.latencies.get(PlanCache.key(fp32_plan))
-        fp32_ms = float(latency(fp32_plan)) if fp32_ms is None else fp32_ms
+    if fp32_ms is None:
+        fp32_ms = shared(fp32_plan)[0] if shared is not None else float(latency(fp32_plan))
+    if recorded is None and storage is not None:
+        study.set_user_attr(_w.FP32_ATTR, float(fp32_ms))
+    if shared is not None:
+        shared.publish(fp32_plan, fp32_ms)
     limit = budget.limit_ms(fp32_ms) if budget is not None else None
     me = worker_id()
+    if on_ready is not None:
+        on_ready(shared)
+        exclusive = False
 
     def objective(trial, t_ask: float, s_ask: float) -> tuple:
         if not exclusive:  # another process may resume the study: say who runs this trial (one more write)
@@ -252,18 +259,30 @@ def run_search(space: SearchSpace, evaluate: Callable[[Assignment], float], late
         k = PlanCache.key(a)
         source = trial.user_attrs.get("baseline") or sampler
         t0 = time.perf_counter()
-        ms, screened = cache.latencies.get(k), False
+        ms, screened, waited, by = cache.latencies.get(k), False, 0.0, None
         if ms is None and screen is not None and limit is not None:
             predicted = float(screen(a))
             screened = predicted > limit * (1 + 2 * over_budget_slack)
             ms = predicted if screened else None
         if ms is None:
-            ms = float(latency(a))
+            if shared is not None:
+                ms, waited, by = shared(a)
+            elif lock is not None:
+                before_wait = lock.waited_s
+                with lock:
+                    waited = lock.waited_s - before_wait
+                    ms = float(latency(a))
+            else:
+                ms = float(latency(a))
             cache.latencies[k] = ms
         t1 = time.perf_counter()
         feasible = limit is None or ms <= limit
         metric = cache.metrics.get(k)
-        if metric is None and not screened and (limit is None or front or ms <= limit * (1 + over_budget_slack)):
+        wants = not screened and (limit is None or front or ms <= limit * (1 + over_budget_slack))
+        if metric is None and wants and not exclusive:  # another worker may have evaluated it meanwhile
+            _fill(cache, finished_records(study, space, sampler))
+            metric = cache.metrics.get(k)
+        if metric is None and wants:
             metric = float(evaluate(a))
             cache.metrics[k] = metric
             t2 = time.perf_counter()
@@ -272,29 +291,50 @@ def run_search(space: SearchSpace, evaluate: Callable[[Assignment], float], late
         if limit is not None:
             trial.set_constraint("latency", ms - limit)
         storage_s = clock.now() - s_ask
+        measure_s = max(t1 - t0 - waited, 0.0)
         sampler_s = max((time.perf_counter() - t_ask) - (t2 - t0) - storage_s, 0.0)
         trial.set_user_attr(ATTR, {"source": source, "latency_ms": ms, "metric": metric, "feasible": feasible,
-                                   "screened": screened, "evaluate_s": t2 - t1, "measure_s": t1 - t0,
-                                   "storage_s": storage_s, "sampler_s": sampler_s})
+                                   "screened": screened, "evaluate_s": t2 - t1, "measure_s": measure_s,
+                                   "lock_wait_s": waited, "storage_s": storage_s, "sampler_s": sampler_s,
+                                   "measured_by": by})
         value = metric if metric is not None else 0.0  # never chosen: the constraint marks it infeasible
-        return TrialRecord(trial.number, source, a, ms, metric, feasible, t2 - t1, t1 - t0, storage_s, sampler_s,
-                           screened), ((value, ms) if front else value)
+        return TrialRecord(trial.number, source, a, ms, metric, feasible, t2 - t1, measure_s, storage_s, sampler_s,
+                           screened, waited, me["host"], by), ((value, ms) if front else value)
 
-    todo = max(n_trials - len(before), 0)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=todo, desc=label, unit="trial", leave=False, disable=None, dynamic_ncols=True)
+        bar = tqdm(total=max(n_trials - len(before), 0), desc=label, unit="trial", leave=False, disable=None,
+                   dynamic_ncols=True)
     records: list[TrialRecord] = []
     best = best_so_far(before)[-1] if before else None
     t_start, s_start = time.perf_counter(), clock.now()
+    waited_idle, surplus, reaped = 0.0, 0, []
     try:
-        for _ in range(todo):
+        while True:
+            if not exclusive:
+                with reap_lock:
+                    reaped += _w.reap(study, False, is_dead)[0]
+            c = _w.counts(study)
+            if c["complete"] >= n_trials:
+                break
+            if c["complete"] + c["running"] >= n_trials:  # the last trials run elsewhere; take over if they die
+                time.sleep(poll_s)
+                waited_idle += poll_s
+                continue
             t_ask, s_ask = time.perf_counter(), clock.now()
             trial = study.ask()
+            if not exclusive and _w.is_surplus(study, trial, n_trials):  # another worker asked at the same time
+                trial.set_user_attr(_w.SURPLUS_ATTR, True)
+                study.tell(trial, state=TrialState.FAIL)
+                # not re-queued even when it was a queued plan: n trials before it are live, and should one of
+                # them die, its own plan is re-queued; re-queuing this one too would leave it waiting forever
+                surplus += 1
+                continue
             try:
-                rec, values = objective(trial, t_ask, s_ask)
+                with _w.Heartbeat(study._storage, trial._trial_id):
+                    rec, values = objective(trial, t_ask, s_ask)
             except BaseException:
                 study.tell(trial, state=TrialState.FAIL)
                 raise
@@ -312,14 +352,29 @@ def run_search(space: SearchSpace, evaluate: Callable[[Assignment], float], late
     total = time.perf_counter() - t_start
     ev = sum(r.evaluate_s for r in records)
     mea = sum(r.measure_s for r in records)
+    lw = sum(r.lock_wait_s for r in records)
     sto = clock.now() - s_start
-    other = max(total - ev - mea - sto, 0.0)
-    timing = {"total_s": total, "evaluate_s": ev, "measure_s": mea, "storage_s": sto, "sampler_s": other,
-              "trials": len(records), "evaluated": sum(r.evaluate_s > 0 for r in records), "cached_or_skipped": sum(r.evaluate_s == 0 for r in records),
+    other = max(total - ev - mea - lw - sto - waited_idle, 0.0)
+    timing = {"total_s": total, "evaluate_s": ev, "measure_s": mea, "lock_wait_s": lw, "storage_s": sto,
+              "sampler_s": other, "idle_s": waited_idle, "trials": len(records),
+              "evaluated": sum(r.evaluate_s > 0 for r in records),
+              "cached_or_skipped": sum(r.evaluate_s == 0 for r in records),
+              "measured_here": shared.measured if shared is not None else None,
+              "latencies_reused": shared.reused if shared is not None else None, "surplus": surplus,
               "share": {k: (v / total if total else 0.0) for k, v in (("evaluate", ev), ("measure", mea),
-                                                                       ("storage", sto), ("sampler", other))}}
+                                                                       ("lock_wait", lw), ("storage", sto),
+                                                                       ("sampler", other), ("idle", waited_idle))}}
     allrecs = finished_records(study, space, sampler)
     resumed = {"finished_before": len(before), "stale_failed": failed, "running_left": left,
-               "baselines_enqueued": enqueued}
+               "baselines_enqueued": enqueued, "requeued_while_running": sorted(set(reaped))}
     return SearchResult(fp32_ms, limit, allrecs, best_feasible(allrecs), pareto_front(allrecs), timing,
                         study.study_name, resumed)
+
+
+def _fill(cache: PlanCache, records: list) -> None:
+    for r in records:
+        k = PlanCache.key(r.assignment)
+        if not r.screened:
+            cache.latencies.setdefault(k, r.latency_ms)
+        if r.metric is not None:
+            cache.metrics.setdefault(k, r.metric)
