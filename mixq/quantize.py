@@ -243,6 +243,8 @@ def calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str] = N
     format's ranges are independent of which plan is active later. Every activation quantizer of
     every prepared format (followers included) calibrates with ``method``, except FP8 and
     per-channel ones, which use max by design. Statistics of an earlier calibration are dropped.
+    The pass runs in eval mode (BatchNorm running statistics untouched, no dropout); each module's
+    mode is restored afterwards.
     The method and a hash of the batches are recorded in ``qmodel.mixq`` (``calib_method``,
     ``calib_digest``); plans switched to later must name the same method.
 
@@ -281,6 +283,10 @@ def _calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str],
         m.begin_calibration(method)
     digest = Hasher()
     first = None
+    # Eval mode whatever mode the model is in: statistics of the network as it will run (BatchNorm with
+    # its running statistics, which must not move; no dropout).
+    modes = [(m, m.training) for m in qmodel.modules()]
+    qmodel.eval()
     try:
         with torch.no_grad(), record_calls() as called:
             for batch in progress_batches(calib_data, progress):
@@ -290,6 +296,8 @@ def _calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str],
     finally:
         for m in mods:
             m.calibrating = False
+        for m, t in modes:
+            m.training = t
     if digest.batches == 0:
         raise CalibrationError("the calibration loader yielded no batch: pass an iterable of input batches "
                                "(a Tensor, or a tuple of Tensors per batch).")
