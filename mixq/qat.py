@@ -198,6 +198,15 @@ def finish_qat(qmodel: nn.Module) -> None:
     _state(qmodel).prepared_digest = parameters_digest(qmodel)
 
 
+def _clamp_ranges(qmodel: nn.Module) -> None:
+    for m in qmodel.modules():
+        if isinstance(m, QuantMixin):
+            for qs in m.quantizers.values():
+                for q in qs.values():
+                    if q.learned:
+                        q.clamp_learned()
+
+
 def _refresh_weight_ranges(qmodel: nn.Module) -> None:
     for m in qmodel.modules():
         if isinstance(m, QuantMixin):
@@ -371,6 +380,7 @@ def _run_epoch(qmodel: nn.Module, teacher: nn.Module, train_data: list, config: 
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                _clamp_ranges(qmodel)
                 losses.append(float(loss.detach()))
                 if bar is not None:
                     bar.update(1)

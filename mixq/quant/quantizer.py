@@ -18,6 +18,7 @@ from mixq.quant.descriptor import QuantDescriptor, check_calib_method
 
 
 _LEARNED = ("_learned_amax", "_learned_scale", "_learned_zero_point")
+_MIN_RANGE = 1e-6  # the smallest learned amax / scale kept (below it a range would quantize everything to 0)
 
 
 class TensorQuantizer(nn.Module):
@@ -186,8 +187,22 @@ class TensorQuantizer(nn.Module):
             raise CalibrationError("learn_amax needs a calibrated amax first: calibrate, then init_learn_amax().")
         self._learned_amax = nn.Parameter(self._amax.detach().clone())
 
+    @torch.no_grad()
+    def clamp_learned(self) -> None:
+        """Project learned ranges back to what an engine accepts: amax and scale > 0, zero point on the grid.
+
+        A training step can push a range through zero (the LSQ gradient has no barrier there); call this
+        after every optimizer step (``mixq.qat`` does).
+        """
+        if self._learned_amax is not None:
+            self._learned_amax.clamp_(min=_MIN_RANGE)
+        if self._learned_scale is not None:
+            self._learned_scale.clamp_(min=_MIN_RANGE)
+            self._learned_zero_point.clamp_(0.0, 2.0**self.desc.num_bits - 1.0)
+
     def store_learned(self) -> None:
         """Copy the learned range into the calibrated buffers and drop the parameters (training is over)."""
+        self.clamp_learned()
         if self._learned_amax is not None:
             self._amax = self._learned_amax.detach().clone()
         if self._learned_scale is not None:
