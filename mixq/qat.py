@@ -173,16 +173,34 @@ def prepare_qat(qmodel: nn.Module, learn_ranges: bool = True) -> None:
     st = _state(qmodel)
     if not st.calibrated or st.plan is None:
         raise ConfigError("QAT starts from a calibrated model with a plan: mixq.quantize(model, plan, calib_data=...).")
+    tied: dict[tuple, Any] = {}
     for m in qmodel.modules():
         if not isinstance(m, QuantMixin):
             continue
-        for qs in m.quantizers.values():
+        for fmt, qs in m.quantizers.items():
             for key, q in qs.items():
-                if key.startswith("input") or key == "output":
-                    if learn_ranges and q.is_calibrated and not q.learned and q.desc.block_size is None:
-                        q.init_learn_amax()
-                else:
+                if not (key.startswith("input") or key == "output"):
                     q.track_max = True
+                elif learn_ranges and q.is_calibrated and not q.learned and q.desc.block_size is None:
+                    _learn_tied(q, fmt, tied)
+
+
+def _learn_tied(q, fmt: str, tied: dict) -> None:
+    """Learn ``q``'s range, sharing the parameters of quantizers calibrated to the very same grid.
+
+    Quantizers in a row on one tensor (a unit's output quantizer and the next unit's input quantizer)
+    calibrate to identical ranges, and the exporter writes one Q/DQ for them. Learning them apart
+    would put a second Q/DQ (a requantization) in the deployed graph; tied, the graph stays the PTQ one.
+    """
+    ranges = (q._scale, q._zero_point) if q.desc.asymmetric else (q._amax,)
+    key = (fmt, q.desc, *((tuple(t.shape), t.detach().cpu().numpy().tobytes()) for t in ranges))
+    first = tied.get(key)
+    if first is None:
+        q.init_learn_amax()
+        tied[key] = q
+        return
+    for name in ("_learned_amax", "_learned_scale", "_learned_zero_point"):
+        setattr(q, name, getattr(first, name))
 
 
 def finish_qat(qmodel: nn.Module) -> None:

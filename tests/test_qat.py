@@ -247,3 +247,18 @@ def test_ranges_stay_valid_for_an_engine_under_a_large_learning_rate(backend):
             if tq.zero_point is not None:
                 z = tq.zero_point
                 assert bool(((z >= 0) & (z <= 255) & (z == z.round())).all()), (k, z)
+
+
+@pytest.mark.parametrize("backend", ["ort-cpu", "tensorrt"])
+def test_the_trained_model_exports_to_the_same_graph_as_ptq(backend):
+    from mixq.export import apply_plan, export_float_graph
+
+    model, ptq, train = _setup(backend)
+    _, q, _ = _setup(backend)
+    qat(q, model, train, QATConfig(epochs=2, lr=1e-2), progress=False, log=None)
+    x = train[0][0]
+    graphs = [apply_plan(export_float_graph(m, x), m, m.mixq.plan).graph for m in (ptq, q)]
+    nodes = [[(n.op_type, tuple(n.input), tuple(n.output)) for n in g.node] for g in graphs]
+    assert nodes[0] == nodes[1]  # no requantization added: same engine graph, same latency
+    assert any(not np.array_equal(np.frombuffer(a.raw_data, np.uint8), np.frombuffer(b.raw_data, np.uint8))
+               for a, b in zip(graphs[0].initializer, graphs[1].initializer))  # with trained numbers
