@@ -311,6 +311,44 @@ def _calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str],
     return digest.batches, first
 
 
+def fold_bn(qmodel: nn.Module) -> list[str]:
+    """Fold the BatchNorm layers of a prepared model into the quantized convolutions that feed them.
+
+    For a model prepared (or trained, e.g. QAT with frozen BatchNorm) with its BatchNorm unfolded:
+    afterwards it computes the same function in float, its graph is the one ``prepare`` builds from
+    the model in eval mode, and it exports as folded convolutions. Its activation ranges are stale
+    (the convolutions' outputs changed), so the model must be calibrated again (``calibrate``).
+
+    Returns:
+        The BatchNorm layers folded.
+
+    Raises:
+        ModelError: the model was not prepared in graph mode (module mode cannot see what a BatchNorm follows).
+    """
+    from mixq.quant.graph import fold_batchnorm_prepared
+
+    st = _state(qmodel)
+    if not isinstance(qmodel, torch.fx.GraphModule):
+        raise ModelError("fold_bn needs a model prepared in graph mode (FX); this one was prepared in module mode. "
+                         "Prepare the float model in eval mode instead: BatchNorm is folded then.")
+    folded = fold_batchnorm_prepared(qmodel, st.backend)
+    if folded:
+        for fol in followers(qmodel):
+            owner = units(qmodel)[fol.owner]
+            for f in owner.formats:
+                fol.add_format(f, st.calib_method)
+            fol.set_format(owner.active_format)
+        for m in qmodel.modules():
+            if isinstance(m, QuantMixin):
+                for _, q in m.iter_activation_quantizers():
+                    q.reset_calibration()  # stale: the convolutions' outputs changed
+                m.calibrate_weights()
+        st.calibrated = False
+        st.prepare_options = {**st.prepare_options, "fold_bn": True}
+        st.prepared_digest = parameters_digest(qmodel)
+    return folded
+
+
 def check_applied(qmodel: nn.Module, batch: Any = None, on_noop: str = "error") -> None:
     """Check that the active plan's quantization happens: its units ran, and change the output.
 

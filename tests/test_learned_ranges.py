@@ -187,3 +187,29 @@ def test_save_quantized_keeps_learned_ranges(backend, tmp_path):
         assert torch.equal(back(data[0]), q(data[0]))
     assert sum(1 for n, _ in back.named_parameters() if "_learned" in n) == sum(
         1 for n, _ in q.named_parameters() if "_learned" in n) > 0
+
+
+@pytest.mark.parametrize("backend", ["ort-cpu", "tensorrt"])
+def test_fold_bn_on_a_prepared_model_gives_the_eval_mode_graph(backend):
+    from zoo import ResidualNet
+
+    torch.manual_seed(0)
+    model = ResidualNet()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2), m.weight.uniform_(0.5, 1.5)
+    data = [_data((4, 1, 16, 16), seed=s) for s in range(2)]
+    q = mixq.quantize(model.train(), "int8", backend=backend, calib_data=data)  # train mode: BN kept
+    assert any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
+    folded = mixq.fold_bn(q)
+    assert len(folded) == 6 and not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
+    assert not q.mixq.calibrated
+    mixq.calibrate(q, data)
+    ref = mixq.quantize(model.eval(), "int8", backend=backend, calib_data=data)  # folded at prepare
+    assert sorted(q.state_dict()) == sorted(ref.state_dict())
+    q.eval()
+    with torch.no_grad():
+        assert torch.equal(q(data[0]), ref(data[0]))
+        with mixq.applied(q, "fp32"), mixq.applied(ref, "fp32"):
+            assert torch.equal(q(data[0]), ref(data[0]))
