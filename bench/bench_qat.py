@@ -90,6 +90,8 @@ def main() -> int:
     ap.add_argument("--plans", default="int8:max,int8:entropy", help="FORMAT:CALIB_METHOD,... (ort-cpu, uniform)")
     ap.add_argument("--recipes", default="default,3:3e-4")
     ap.add_argument("--train-batches", type=int, default=None, help="use only the first N training batches")
+    ap.add_argument("--eval-split", default="eval", choices=("eval", "search"),
+                    help="evaluate on the example's evaluation (test) split or on its (smaller) search split")
     ap.add_argument("--runs", type=int, default=200, help="timed runs per latency round")
     ap.add_argument("--rounds", type=int, default=5, help="alternating latency rounds per model")
     ap.add_argument("--out", default=None, help="output stem (default reports/qat_<example>)")
@@ -98,11 +100,12 @@ def main() -> int:
     out = Path(args.out or f"reports/qat_{args.example}")
     task = Task.example(args.example)
     model = task.model_fn().eval()
-    calib, evald = task.calib_fn(), task.eval_fn()
+    calib = task.calib_fn()
+    evald = task.eval_fn() if args.eval_split == "eval" else task.search_fn()
     train = list(task.train_fn())[: args.train_batches]
     fp32 = evaluate(model, evald, task.metric_fn)
     rows = []
-    print(f"{task.name}: FP32 {fp32.metric:.2f} on {fp32.samples} test samples; {len(train)} training batches",
+    print(f"{task.name}: FP32 {fp32.metric:.2f} on {fp32.samples} {args.eval_split} samples; {len(train)} training batches",
           flush=True)
     for spec in args.plans.split(","):
         fmt, method = spec.split(":")
@@ -135,7 +138,8 @@ def main() -> int:
             print(_line(row), flush=True)
     table = _table(rows)
     print(table)
-    meta = {"command": "python " + " ".join(sys.argv), "example": task.name, "test_samples": fp32.samples,
+    meta = {"command": "python " + " ".join(sys.argv), "example": task.name, "split": args.eval_split,
+            "eval_samples": fp32.samples,
             "train_batches": len(train), "rows": rows}
     write_atomic(out.with_suffix(".json"), json.dumps(meta, indent=1))
     write_atomic(out.with_suffix(".md"), f"Command: `{meta['command']}`\n\n{table}\n")
