@@ -234,7 +234,7 @@ def test_ranges_stay_valid_for_an_engine_under_a_large_learning_rate(backend):
     lowest = []
 
     def step(student, teacher, batch):  # ranges as the forward pass meets them, at every step
-        lowest.append(min(float(p.min()) for n, p in student.named_parameters()
+        lowest.append(min(float(p.detach().min()) for n, p in student.named_parameters()
                           if n.endswith(("_learned_amax", "_learned_scale"))))
         return distillation_loss(student(batch[0]), teacher(batch[0]), batch[1])
 
