@@ -103,7 +103,12 @@ def test_learned_quantizer_matches_calibrated_then_learns_and_round_trips_its_st
 
     opt = torch.optim.SGD(q.parameters(), lr=0.5)
     (q(x * 1.5) - x * 1.5).pow(2).sum().backward()
+    assert all(p.grad is not None and bool((p.grad != 0).any()) for p in q.parameters())
     opt.step()
+    with torch.no_grad():  # and inside the data's range, where clamp_learned keeps it
+        for p in q.parameters():
+            p.mul_(0.8)
+    q.clamp_learned()  # as mixq.qat does after every step
     assert not torch.equal(q(x), plain(x))  # the range moved
 
     fresh = TensorQuantizer(desc)
@@ -213,3 +218,28 @@ def test_fold_bn_on_a_prepared_model_gives_the_eval_mode_graph(backend):
         assert torch.equal(q(data[0]), ref(data[0]))
         with mixq.applied(q, "fp32"), mixq.applied(ref, "fp32"):
             assert torch.equal(q(data[0]), ref(data[0]))
+
+
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_learned_ranges_stay_inside_the_calibration_data(asymmetric):
+    desc = QuantDescriptor(num_bits=8, unsigned=asymmetric, narrow_range=not asymmetric, asymmetric=asymmetric,
+                           learn_amax=True)
+    x = torch.clamp(_data((8, 64)) * 3, 0.0, 6.0)  # a ReLU6 output: non-negative, saturating at 6
+    q = TensorQuantizer(desc)
+    q.enable_calib(), q.disable_quant()
+    q(x)
+    q.disable_calib(), q.enable_quant()
+    q.load_calib_amax()
+    calibrated = {n: p.detach().clone() for n, p in q.named_parameters()}
+    with torch.no_grad():  # a step that widens the range past the data on both sides
+        for p in q.parameters():
+            p.add_(5.0 * p.abs() + 3.0)
+    q.clamp_learned()
+    for n, p in q.named_parameters():
+        assert torch.equal(p, calibrated[n]), n  # back to max calibration's range, bit for bit (zero point 0)
+    with torch.no_grad():
+        for p in q.parameters():
+            p.mul_(0.5)
+    q.clamp_learned()
+    assert float(q.scale) < float(calibrated.get("_learned_scale", calibrated.get("_learned_amax", 0)) / 1.9) or \
+        not asymmetric  # shrinking stays allowed

@@ -262,3 +262,42 @@ def test_the_trained_model_exports_to_the_same_graph_as_ptq(backend):
     assert nodes[0] == nodes[1]  # no requantization added: same engine graph, same latency
     assert any(not np.array_equal(np.frombuffer(a.raw_data, np.uint8), np.frombuffer(b.raw_data, np.uint8))
                for a, b in zip(graphs[0].initializer, graphs[1].initializer))  # with trained numbers
+
+
+class _Relu6Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.act1, self.act2 = nn.ReLU6(), nn.ReLU6()
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.act2(self.c2(self.act1(self.c1(x)))), 1))
+
+
+def test_onnx_runtime_optimizes_the_trained_model_as_the_ptq_one():
+    """ORT fuses a ReLU6 into the quantization only when the grid lies within [0, 6]: learned ranges keep it."""
+    import collections
+
+    from mixq.engine.ort import build
+    from mixq.export import apply_plan, export_float_graph
+
+    torch.manual_seed(0)
+    model = _Relu6Net().eval()
+    with torch.no_grad():
+        model.c1.weight.mul_(8.0)  # outputs saturate at 6
+    xs = [torch.randn(8, 1, 8, 8) for _ in range(4)]
+    train = [(x, torch.randint(0, 10, (8,))) for x in xs]
+    ptq = mixq.quantize(model, "int8", calib_data=xs[:2])
+    q = mixq.quantize(model, "int8", calib_data=xs[:2])
+
+    def widening(student, teacher, batch):  # a loss whose gradient pushes every range outwards
+        grow = sum(p.sum() for n, p in student.named_parameters() if n.endswith("_learned_scale"))
+        return distillation_loss(student(batch[0]), teacher(batch[0]), batch[1]) - grow
+
+    qat(q, model, train, QATConfig(epochs=3, lr=0.05), step_fn=widening, progress=False, log=None)
+    ops = []
+    for m in (ptq, q):
+        opt = build(apply_plan(export_float_graph(m, xs[0]), m, m.mixq.plan), 1).optimized_model()
+        ops.append(collections.Counter(n.op_type for n in opt.graph.node))
+    assert ops[0] == ops[1], (ops[0], ops[1])

@@ -6,6 +6,7 @@ range stored in buffers, so a calibrated quantizer is saved and loaded with the 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -42,6 +43,7 @@ class TensorQuantizer(nn.Module):
         # Learned ranges (QAT): amax for symmetric schemes; scale and zero point for asymmetric ones.
         for name in _LEARNED:
             self.register_parameter(name, None)
+        self._learn_bounds = None  # (min, max) of the calibration data: learned ranges stay inside it
         # When set, the range is the max of each input (weights: the range follows them during training).
         self.track_max = False
 
@@ -177,6 +179,8 @@ class TensorQuantizer(nn.Module):
         """
         if self.desc.block_size is not None:
             raise CalibrationError("block-wise quantizers compute their ranges from the weights; they cannot learn them.")
+        cal = self._calibrator
+        self._learn_bounds = cal.observed_range() if cal is not None and cal.num_batches > 0 else None
         if self.desc.asymmetric:
             if self._scale is None:
                 raise CalibrationError("learn_amax needs a calibrated range first: calibrate, then init_learn_amax().")
@@ -194,11 +198,29 @@ class TensorQuantizer(nn.Module):
         A training step can push a range through zero (the LSQ gradient has no barrier there); call this
         after every optimizer step (``mixq.qat`` does).
         """
+        bounds = getattr(self, "_learn_bounds", None)
         if self._learned_amax is not None:
             self._learned_amax.clamp_(min=_MIN_RANGE)
+            if bounds is not None:
+                self._learned_amax.clamp_(max=float(torch.maximum(bounds[0].abs(), bounds[1].abs()).max()))
         if self._learned_scale is not None:
+            qmax = 2.0**self.desc.num_bits - 1.0
             self._learned_scale.clamp_(min=_MIN_RANGE)
-            self._learned_zero_point.clamp_(0.0, 2.0**self.desc.num_bits - 1.0)
+            self._learned_zero_point.clamp_(0.0, qmax)
+            if bounds is not None:
+                # The grid stays inside the data's range (widened to hold 0): [-z*s, (qmax-z)*s] within [lo, hi].
+                # Beyond it codes are wasted, and an engine fuses an activation's clip (ReLU, ReLU6) into the
+                # quantization only when the grid lies within the clip; with z = 0 the largest scale is the
+                # one max calibration computes, bit for bit.
+                lo, hi = float(min(bounds[0].min(), 0.0)), float(max(bounds[1].max(), 0.0))
+                zp = self._learned_zero_point
+                zp.clamp_(max=math.floor(-lo / float(self._learned_scale.min()) + 1e-6))
+                z = zp.round()
+                if bool((z == 0).all()):
+                    cap, _ = tq.affine_qparams(torch.tensor(0.0), torch.tensor(hi), self.desc.num_bits)
+                else:
+                    cap = torch.tensor(hi) / (qmax - z)
+                self._learned_scale.copy_(torch.minimum(self._learned_scale, cap.to(self._learned_scale)))
 
     def store_learned(self) -> None:
         """Copy the learned range into the calibrated buffers and drop the parameters (training is over)."""
