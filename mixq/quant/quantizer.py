@@ -172,7 +172,8 @@ class TensorQuantizer(nn.Module):
 
         Symmetric integer schemes learn amax and asymmetric ones learn scale and zero point, with
         LSQ / LSQ+ gradients (``tensor_quant.lsq_tensor_quant`` / ``lsq_affine_quant``); FP8 learns amax
-        through a clip (PACT). The forward pass is unchanged until the parameters move.
+        through a clip (PACT). The forward pass is unchanged until the parameters move. The (min, max) of
+        the calibration data is kept: ``clamp_learned`` keeps the learned grid inside it.
 
         Raises:
             CalibrationError: the quantizer has no calibrated range yet, or is block-wise (ranges from the weights).
