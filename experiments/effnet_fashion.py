@@ -310,6 +310,23 @@ def calib_data(num_batches: int = 8, batch_size: int = CALIB_BATCH) -> list[torc
     return [x[i * batch_size : (i + 1) * batch_size] for i in range(num_batches)]
 
 
+# The schedule the classifier was fine-tuned with, for QAT's recipe (a fraction of the epochs and learning rate).
+TRAIN_RECIPE = {"epochs": HPARAMS["epochs"], "lr": HPARAMS["lr"], "batch_size": HPARAMS["batch_size"],
+                "optimizer": "AdamW, one-cycle schedule (last 3 blocks, head and classifier)"}
+
+
+def train_data(batch_size: int = CALIB_BATCH, num_images: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Return ``(images, labels)`` batches of the fine-tuning images (for QAT).
+
+    Args:
+        batch_size: Images per batch.
+        num_images: Use the first ``num_images`` of the 6,000 (all by default).
+    """
+    x, y = _splits()["finetune"]
+    x, y = x[:num_images], y[:num_images]
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
 def search_data() -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Return the search split: 2,000 test images in batches of 100, for choosing a plan.
 

@@ -204,6 +204,25 @@ def calib_data(num_batches: int = 8, batch_size: int = 32) -> list[torch.Tensor]
     return [x_train[i * batch_size : (i + 1) * batch_size] for i in range(num_batches)]
 
 
+# The schedule the float model was trained with, for QAT's recipe (a fraction of the epochs and learning rate).
+TRAIN_RECIPE = {"epochs": HPARAMS["epochs"], "lr": HPARAMS["lr"], "batch_size": HPARAMS["batch_size"],
+                "optimizer": "AdamW, one-cycle schedule"}
+
+
+def train_data(batch_size: int = HPARAMS["batch_size"], num_samples: int = NUM_TRAIN) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Return ``(images, labels)`` batches of the training split (for QAT; no augmentation).
+
+    Args:
+        batch_size: Samples per batch.
+        num_samples: Use the first ``num_samples`` training samples (at most 4,000).
+
+    Returns:
+        A list of ``(images (B, 1, 28, 28), labels (B,))`` pairs.
+    """
+    x_train, y_train = _split()[0][:num_samples], _split()[1][:num_samples]
+    return [(x_train[i : i + batch_size], y_train[i : i + batch_size]) for i in range(0, len(x_train), batch_size)]
+
+
 def eval_data() -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Return the held-out test split as batches of 250.
 

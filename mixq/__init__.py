@@ -28,7 +28,7 @@ _WHERE = {
     "QuantPlan": "plan",
     "add_formats": "quantize", "calibrate": "quantize", "prepare": "quantize", "quantize": "quantize",
     "set_plan": "quantize", "applied": "quantize", "switched": "quantize", "LeftFloatWarning": "quantize",
-    "check_applied": "quantize", "QuantNotAppliedWarning": "quantize",
+    "check_applied": "quantize", "QuantNotAppliedWarning": "quantize", "fold_bn": "quantize",
     "left_float": "leftfloat",
     "save_quantized": "checkpoint", "load_quantized": "checkpoint",
     "evaluate": "evaluate", "evaluate_plan": "evaluate",

@@ -33,6 +33,7 @@ from mixq.noop import NotRun
 from mixq.plan import QuantPlan
 from mixq.quant.custom import CustomModules
 from mixq.quant.modules import QuantMixin
+from mixq.quant.quantizer import _LEARNED
 from mixq.quantize import _state, add_formats, first_batch, prepare, set_plan
 
 FILE_FORMAT = "mixq-quantized"
@@ -60,8 +61,10 @@ def _quantizer_tensors(qmodel: nn.Module) -> dict[str, torch.Tensor]:
                     t = q._buffers.get(buf)
                     if t is not None:
                         out[_SEP.join((name, fmt, role, buf))] = t.detach().cpu().clone()
-                if q._learned is not None:
-                    out[_SEP.join((name, fmt, role, "_learned"))] = q._learned.detach().cpu().clone()
+                for par in _LEARNED:
+                    t = q._parameters.get(par)
+                    if t is not None:
+                        out[_SEP.join((name, fmt, role, par))] = t.detach().cpu().clone()
     return out
 
 
@@ -225,7 +228,7 @@ def _fill(qmodel: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         except (ValueError, AttributeError, KeyError):
             raise CheckpointError(f"saved quantizer {key!r} has no place in the rebuilt model; save it again.") \
                 from None
-        if buf == "_learned":
-            q._learned = nn.Parameter(t.clone())
+        if buf in _LEARNED:
+            setattr(q, buf, nn.Parameter(t.clone()))
         else:
             q._buffers[buf] = t.clone()

@@ -245,7 +245,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # Later stages register their own subcommands: register(subparsers, add_task_args, task_of, run_dir_of).
-_STAGE_COMMANDS: tuple[str, ...] = ("mixq.cli_scan", "mixq.cli_deploy", "mixq.cli_bench", "mixq.cli_search")
+_STAGE_COMMANDS: tuple[str, ...] = ("mixq.cli_scan", "mixq.cli_deploy", "mixq.cli_bench", "mixq.cli_search", "mixq.cli_qat")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,6 +46,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default=None, help="format for every layer (default int8); not with --plan")
     p.add_argument("--calib-method", default=None,
                    help="max (default), entropy, percentile or mse; given beside --plan, it overrides the plan's")
+    p.add_argument("--qat", default=None,
+                   help="the folder of a model trained by `mixq qat` (RUN/qat-<plan>): use it, under its plan")
 
 
 def add_batch_axis_arg(p: argparse.ArgumentParser) -> None:
@@ -91,7 +93,12 @@ def _plan(args: argparse.Namespace):
     from mixq.cli import plan_from_args
 
     plan, label = plan_from_args(args)
-    return plan, (label if args.plan else f"{plan.backend}-{plan.default}")
+    label = label if args.plan else f"{plan.backend}-{plan.default}"
+    if getattr(args, "qat", None):
+        from mixq.cli_qat import qat_plan_check
+
+        return qat_plan_check(args, plan, args.qat), Path(args.qat).name
+    return plan, label
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -111,13 +118,17 @@ def check_writable(path: str | os.PathLike) -> Path:
     return p
 
 
-def _quantized(task, plan):
+def _quantized(task, plan, qat_dir=None):
     from mixq.quantize import quantize
 
     calib = task.calib_fn()
     if not calib:
         raise MixqError("the calibration loader yielded no batch; export needs calibration data.")
     model = task.model_fn()
+    if qat_dir:
+        from mixq.qat import load_trained
+
+        return load_trained(model, qat_dir), calib
     return quantize(model, plan, calib_data=calib, calib_method=plan.calib_method, progress="calibrate"), calib
 
 
@@ -132,7 +143,7 @@ def cmd_export(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable
     batch_axis_of(args)
     d = run_dir_of(args, task)
     out = check_writable(args.out or d / f"model-{label}.onnx")
-    q, calib = _quantized(task, plan)
+    q, calib = _quantized(task, plan, getattr(args, "qat", None))
     t0 = time.perf_counter()
     print(f"{task.name}: tracing the float graph ...", flush=True)
     graph = float_graph_of(q, calib, args, args.opset)
@@ -177,7 +188,7 @@ def cmd_verify(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable
     if args.onnx and not Path(args.onnx).is_file():
         raise MixqError(f"--onnx {args.onnx!r} is not a file; give the .onnx that `mixq export` wrote.")
     d = run_dir_of(args, task)
-    q, calib = _quantized(task, plan)
+    q, calib = _quantized(task, plan, getattr(args, "qat", None))
     evald = task.eval_fn()
     print(f"{task.name}: running the evaluation set on ONNX Runtime and the simulation ...", flush=True)
     res = verify(q, plan, evald, task.metric_fn, graph=float_graph_of(q, calib, args), threads=args.threads,

@@ -243,6 +243,8 @@ def calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str] = N
     format's ranges are independent of which plan is active later. Every activation quantizer of
     every prepared format (followers included) calibrates with ``method``, except FP8 and
     per-channel ones, which use max by design. Statistics of an earlier calibration are dropped.
+    The pass runs in eval mode (BatchNorm running statistics untouched, no dropout); each module's
+    mode is restored afterwards.
     The method and a hash of the batches are recorded in ``qmodel.mixq`` (``calib_method``,
     ``calib_digest``); plans switched to later must name the same method.
 
@@ -281,6 +283,10 @@ def _calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str],
         m.begin_calibration(method)
     digest = Hasher()
     first = None
+    # Eval mode whatever mode the model is in: statistics of the network as it will run (BatchNorm with
+    # its running statistics, which must not move; no dropout).
+    modes = [(m, m.training) for m in qmodel.modules()]
+    qmodel.eval()
     try:
         with torch.no_grad(), record_calls() as called:
             for batch in progress_batches(calib_data, progress):
@@ -290,6 +296,8 @@ def _calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str],
     finally:
         for m in mods:
             m.calibrating = False
+        for m, t in modes:
+            m.training = t
     if digest.batches == 0:
         raise CalibrationError("the calibration loader yielded no batch: pass an iterable of input batches "
                                "(a Tensor, or a tuple of Tensors per batch).")
@@ -301,6 +309,44 @@ def _calibrate(qmodel: nn.Module, calib_data: Iterable, method: Optional[str],
     if st.plan is not None and st.plan.calib_method != method:
         st.plan = dataclasses.replace(st.plan, calib_method=method)
     return digest.batches, first
+
+
+def fold_bn(qmodel: nn.Module) -> list[str]:
+    """Fold the BatchNorm layers of a prepared model into the quantized convolutions that feed them.
+
+    For a model prepared (or trained, e.g. QAT with frozen BatchNorm) with its BatchNorm unfolded:
+    afterwards it computes the same function in float, its graph is the one ``prepare`` builds from
+    the model in eval mode, and it exports as folded convolutions. Its activation ranges are stale
+    (the convolutions' outputs changed), so the model must be calibrated again (``calibrate``).
+
+    Returns:
+        The BatchNorm layers folded.
+
+    Raises:
+        ModelError: the model was not prepared in graph mode (module mode cannot see what a BatchNorm follows).
+    """
+    from mixq.quant.graph import fold_batchnorm_prepared
+
+    st = _state(qmodel)
+    if not isinstance(qmodel, torch.fx.GraphModule):
+        raise ModelError("fold_bn needs a model prepared in graph mode (FX); this one was prepared in module mode. "
+                         "Prepare the float model in eval mode instead: BatchNorm is folded then.")
+    folded = fold_batchnorm_prepared(qmodel, st.backend)
+    if folded:
+        for fol in followers(qmodel):
+            owner = units(qmodel)[fol.owner]
+            for f in owner.formats:
+                fol.add_format(f, st.calib_method)
+            fol.set_format(owner.active_format)
+        for m in qmodel.modules():
+            if isinstance(m, QuantMixin):
+                for _, q in m.iter_activation_quantizers():
+                    q.reset_calibration()  # stale: the convolutions' outputs changed
+                m.calibrate_weights()
+        st.calibrated = False
+        st.prepare_options = {**st.prepare_options, "fold_bn": True}
+        st.prepared_digest = parameters_digest(qmodel)
+    return folded
 
 
 def check_applied(qmodel: nn.Module, batch: Any = None, on_noop: str = "error") -> None:

@@ -53,6 +53,8 @@ class Task:
     eval_fn: Callable[[], list]
     metric_fn: Callable[[list, list], np.ndarray]
     search_fn: Optional[Callable[[], list]] = None  # the search split, when the task has one
+    train_fn: Optional[Callable[[], list]] = None  # training batches (QAT), when the task has them
+    train_recipe: Optional[dict] = None  # the float model's schedule: {"epochs", "lr", ...}, when known
 
     @classmethod
     def example(cls, name: str = DEFAULT_EXAMPLE) -> "Task":
@@ -61,9 +63,11 @@ class Task:
             raise SpecError(f"unknown example {name!r}; built-in examples are {', '.join(EXAMPLES)}."
                             f"{did_you_mean(name, EXAMPLES)}")
         m = EXAMPLES[name]
-        search = getattr(importlib.import_module(m), "search_data", None)
+        mod = importlib.import_module(m)
+        search, train = getattr(mod, "search_data", None), getattr(mod, "train_data", None)
         return cls(name, load_spec(f"{m}:model"), load_spec(f"{m}:calib_data"), load_spec(f"{m}:eval_data"),
-                   load_spec(f"{m}:metric"), search if callable(search) else None)
+                   load_spec(f"{m}:metric"), search if callable(search) else None,
+                   train if callable(train) else None, getattr(mod, "TRAIN_RECIPE", None))
 
     @classmethod
     def from_specs(cls, model: str, calib: str, eval: str, metric: str, name: Optional[str] = None) -> "Task":

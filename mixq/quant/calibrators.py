@@ -87,6 +87,10 @@ class MaxCalibrator(Calibrator):
         self._require_data()
         return self._min.clone(), self._max.clone()
 
+    def observed_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min, max) of everything collected."""
+        return self.compute_range()
+
 
 def make_calibrator(method: str, axis: Optional[int] = None, num_bins: int = 2048) -> Calibrator:
     """Return a fresh calibrator for ``method`` ("max" or a histogram method)."""

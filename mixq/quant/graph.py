@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights, fuse_linear_bn_eval, fuse_linear_bn_weights
 
 from mixq.formats import DEFAULT_BACKEND, get_backend
 from mixq.quant.capture import CAPTURED, CaptureError, capture, describe_failure
@@ -150,6 +150,45 @@ def fold_batchnorm(gm: fx.GraphModule) -> int:
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         folded += 1
+    return folded
+
+
+def fold_batchnorm_prepared(gm: fx.GraphModule, backend: str) -> list[str]:
+    """Fold BatchNorm into the quant Conv/Linear units that feed it, in a prepared graph; return the folded BNs.
+
+    The unit's weight and bias become the folded ones (in place, with the arithmetic of
+    ``torch.nn.utils.fusion``), the BatchNorm leaves the graph, and the backend's placement is applied
+    again (an output quantizer moves behind a ReLU the unit now feeds), so the graph is the one
+    ``prepare`` builds from the model in eval mode. Ranges calibrated before are stale afterwards.
+    """
+    folded = []
+    record = gm.__dict__.setdefault("mixq_folded_bn", {})
+    for node in list(gm.graph.nodes):
+        bn = _module(gm, node)
+        if bn is None or not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
+            continue
+        src = node.args[0]
+        conv = _module(gm, src) if isinstance(src, fx.Node) else None
+        if not isinstance(conv, QuantMixin) or len(src.users) != 1:
+            continue
+        if isinstance(conv, nn.Linear) and isinstance(bn, nn.BatchNorm1d):
+            w, b = fuse_linear_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                          bn.weight, bn.bias)
+        elif any(isinstance(conv, c) and type(bn) is b for c, b in _CONV_BN if c is not nn.Linear):
+            w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                        bn.weight, bn.bias)
+        else:
+            continue
+        conv.weight, conv.bias = w, b
+        record[str(node.target)] = str(src.target)
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        folded.append(str(node.target))
+    if folded:
+        gm.delete_all_unused_submodules()
+        _apply_placement(gm, backend, dict(backend=get_backend(backend).name, formats=()))
+        gm.graph.lint()
+        gm.recompile()
     return folded
 
 

@@ -63,6 +63,10 @@ class HistogramCalibrator(Calibrator):
         self._min = math.inf
         self._max = -math.inf
 
+    def observed_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min, max) of everything collected."""
+        return torch.tensor(float(self._min)), torch.tensor(float(self._max))
+
     def reset(self) -> None:
         """Forget everything collected, keeping ``num_bins``."""
         self.__init__(num_bins=self.num_bins, axis=self.axis)

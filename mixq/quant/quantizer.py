@@ -6,6 +6,7 @@ range stored in buffers, so a calibrated quantizer is saved and loaded with the 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -13,8 +14,12 @@ from torch import nn
 
 from mixq.errors import CalibrationError
 from mixq.quant import tensor_quant as tq
-from mixq.quant.calibrators import Calibrator, MaxCalibrator, make_calibrator
+from mixq.quant.calibrators import Calibrator, MaxCalibrator, make_calibrator, reduce_dims
 from mixq.quant.descriptor import QuantDescriptor, check_calib_method
+
+
+_LEARNED = ("_learned_amax", "_learned_scale", "_learned_zero_point")
+_MIN_RANGE = 1e-6  # the smallest learned amax / scale kept (below it a range would quantize everything to 0)
 
 
 class TensorQuantizer(nn.Module):
@@ -35,7 +40,12 @@ class TensorQuantizer(nn.Module):
         self.register_buffer("_amax", None if self.desc.amax is None else torch.tensor(float(self.desc.amax)))
         self.register_buffer("_scale", None)
         self.register_buffer("_zero_point", None)
-        self._learned: Optional[nn.Parameter] = None
+        # Learned ranges (QAT): amax for symmetric schemes; scale and zero point for asymmetric ones.
+        for name in _LEARNED:
+            self.register_parameter(name, None)
+        self._learn_bounds = None  # (min, max) of the calibration data: learned ranges stay inside it
+        # When set, the range is the max of each input (weights: the range follows them during training).
+        self.track_max = False
 
     # ----------------------------------------------------------------- modes
     def enable(self) -> None:
@@ -85,16 +95,21 @@ class TensorQuantizer(nn.Module):
         return self._amax is not None or self._scale is not None or self.desc.block_size is not None
 
     @property
+    def learned(self) -> bool:
+        """Is the range a trainable parameter (``init_learn_amax``)?"""
+        return self._learned_amax is not None or self._learned_scale is not None
+
+    @property
     def amax(self) -> Optional[torch.Tensor]:
-        if self._learned is not None:
-            return self._learned
+        if self._learned_amax is not None:
+            return self._learned_amax
         return self._amax
 
     @property
     def scale(self) -> Optional[torch.Tensor]:
         """The dequantization step the engine will use (per tensor or per channel)."""
         if self.desc.asymmetric:
-            return self._scale
+            return self._learned_scale.detach() if self._learned_scale is not None else self._scale
         if self.amax is None:
             return None
         if self.desc.fp8:
@@ -104,7 +119,11 @@ class TensorQuantizer(nn.Module):
 
     @property
     def zero_point(self) -> Optional[torch.Tensor]:
-        return self._zero_point if self.desc.asymmetric else None
+        if not self.desc.asymmetric:
+            return None
+        if self._learned_zero_point is not None:  # the integer the forward pass uses
+            return self._learned_zero_point.detach().round().clamp(0.0, 2.0**self.desc.num_bits - 1.0)
+        return self._zero_point
 
     def load_calib_amax(self, method: Optional[str] = None, **kwargs) -> None:
         """Compute the range from collected statistics and store it.
@@ -133,8 +152,8 @@ class TensorQuantizer(nn.Module):
             amax = self._calibrator.compute_amax(method=method, num_bits=self.desc.num_bits,
                                                  unsigned=self.desc.unsigned, **kwargs)
             self._amax = self._per_tensor_scalar(amax.detach().float().clone())
-            if self.desc.learn_amax:
-                self.init_learn_amax()
+        if self.desc.learn_amax:
+            self.init_learn_amax()
 
     def _per_tensor_scalar(self, t: torch.Tensor) -> torch.Tensor:
         # A keepdim (1, 1, ...) range would broadcast a lower-rank input up to its rank.
@@ -149,14 +168,75 @@ class TensorQuantizer(nn.Module):
         self._scale, self._zero_point = tq.affine_qparams(min_val, max_val, self.desc.num_bits)
 
     def init_learn_amax(self) -> None:
-        """Turn the calibrated amax into a trainable parameter (PACT-style clipping gradient)."""
+        """Turn the calibrated range into trainable parameters, starting from the calibrated values.
+
+        Symmetric integer schemes learn amax and asymmetric ones learn scale and zero point, with
+        LSQ / LSQ+ gradients (``tensor_quant.lsq_tensor_quant`` / ``lsq_affine_quant``); FP8 learns amax
+        through a clip (PACT). The forward pass is unchanged until the parameters move. The (min, max) of
+        the calibration data is kept: ``clamp_learned`` keeps the learned grid inside it.
+
+        Raises:
+            CalibrationError: the quantizer has no calibrated range yet, or is block-wise (ranges from the weights).
+        """
+        if self.desc.block_size is not None:
+            raise CalibrationError("block-wise quantizers compute their ranges from the weights; they cannot learn them.")
+        cal = self._calibrator
+        self._learn_bounds = cal.observed_range() if cal is not None and cal.num_batches > 0 else None
+        if self.desc.asymmetric:
+            if self._scale is None:
+                raise CalibrationError("learn_amax needs a calibrated range first: calibrate, then init_learn_amax().")
+            self._learned_scale = nn.Parameter(self._scale.detach().clone())
+            self._learned_zero_point = nn.Parameter(self._zero_point.detach().clone())
+            return
         if self._amax is None:
-            raise CalibrationError("learn_amax needs a calibrated amax first.")
-        self._learned = nn.Parameter(self._amax.clone())
+            raise CalibrationError("learn_amax needs a calibrated amax first: calibrate, then init_learn_amax().")
+        self._learned_amax = nn.Parameter(self._amax.detach().clone())
+
+    @torch.no_grad()
+    def clamp_learned(self) -> None:
+        """Project learned ranges back to what an engine accepts: amax and scale > 0, zero point on the grid.
+
+        A training step can push a range through zero (the LSQ gradient has no barrier there); call this
+        after every optimizer step (``mixq.qat`` does).
+        """
+        bounds = getattr(self, "_learn_bounds", None)
+        if self._learned_amax is not None:
+            self._learned_amax.clamp_(min=_MIN_RANGE)
+            if bounds is not None:
+                self._learned_amax.clamp_(max=float(torch.maximum(bounds[0].abs(), bounds[1].abs()).max()))
+        if self._learned_scale is not None:
+            qmax = 2.0**self.desc.num_bits - 1.0
+            self._learned_scale.clamp_(min=_MIN_RANGE)
+            self._learned_zero_point.clamp_(0.0, qmax)
+            if bounds is not None:
+                # The grid stays inside the data's range (widened to hold 0): [-z*s, (qmax-z)*s] within [lo, hi].
+                # Beyond it codes are wasted, and an engine fuses an activation's clip (ReLU, ReLU6) into the
+                # quantization only when the grid lies within the clip; with z = 0 the largest scale is the
+                # one max calibration computes, bit for bit.
+                lo, hi = float(min(bounds[0].min(), 0.0)), float(max(bounds[1].max(), 0.0))
+                zp = self._learned_zero_point
+                zp.clamp_(max=math.floor(-lo / float(self._learned_scale.min()) + 1e-6))
+                z = zp.round()
+                if bool((z == 0).all()):
+                    cap, _ = tq.affine_qparams(torch.tensor(0.0), torch.tensor(hi), self.desc.num_bits)
+                else:
+                    cap = torch.tensor(hi) / (qmax - z)
+                self._learned_scale.copy_(torch.minimum(self._learned_scale, cap.to(self._learned_scale)))
+
+    def store_learned(self) -> None:
+        """Copy the learned range into the calibrated buffers and drop the parameters (training is over)."""
+        self.clamp_learned()
+        if self._learned_amax is not None:
+            self._amax = self._learned_amax.detach().clone()
+        if self._learned_scale is not None:
+            self._scale, self._zero_point = self.scale.clone(), self.zero_point.clone()
+        for name in _LEARNED:
+            setattr(self, name, None)
 
     def reset_calibration(self) -> None:
         self._calibrator = None
-        self._learned = None
+        for name in _LEARNED:
+            setattr(self, name, None)
         self._amax = self._scale = self._zero_point = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -166,6 +246,11 @@ class TensorQuantizer(nn.Module):
             key = prefix + name
             if key in state_dict:
                 self._buffers[name] = state_dict[key].detach().clone()
+        # Learned ranges are parameters that exist only once learning started: create them to load into.
+        for name in _LEARNED:
+            key = prefix + name
+            if key in state_dict and self._parameters.get(name) is None:
+                self._parameters[name] = nn.Parameter(torch.empty_like(state_dict[key]))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -177,7 +262,27 @@ class TensorQuantizer(nn.Module):
             self._calibrator.collect(inputs)
         if not self._if_quant:
             return inputs
+        if self.track_max and self.desc.block_size is None and not self.learned:
+            self.refresh_max(inputs)
         return self.fake_quant(inputs)
+
+    def refresh_max(self, inputs: torch.Tensor) -> None:
+        """Set the range to the max of ``inputs`` (per channel on ``axis``), as max calibration would."""
+        x = inputs.detach().float()
+        if self.desc.asymmetric:
+            dims = reduce_dims(x, self.desc.axis)
+            self.set_range(self._per_tensor_scalar(x.amin(dim=dims, keepdim=True)),
+                           self._per_tensor_scalar(x.amax(dim=dims, keepdim=True)))
+        else:
+            amax = x.abs().amax(dim=reduce_dims(x, self.desc.axis), keepdim=True)
+            self._amax = self._per_tensor_scalar(amax)
+
+    def _grad_scale(self, inputs: torch.Tensor, ranges: torch.Tensor) -> float:
+        """LSQ's gradient scale ``1 / sqrt(elements per range * max code)``."""
+        per_range = max(1, inputs.numel() // max(1, ranges.numel()))
+        d = self.desc
+        top = 2.0**d.num_bits - 1.0 if d.asymmetric else tq.int_bounds(d.num_bits, d.unsigned, d.narrow_range)[1]
+        return float((per_range * top) ** -0.5)
 
     def fake_quant(self, inputs: torch.Tensor) -> torch.Tensor:
         """Apply fake quantization with the stored range."""
@@ -190,12 +295,17 @@ class TensorQuantizer(nn.Module):
                 "or set a fixed amax in its QuantDescriptor."
             )
         if d.asymmetric:
+            if self._learned_scale is not None:
+                return tq.lsq_affine_quant(inputs, self._learned_scale, self._learned_zero_point, d.num_bits,
+                                           self._grad_scale(inputs, self._learned_scale))
             return tq.fake_affine_quant(inputs, self._scale, self._zero_point, d.num_bits)
         amax = self.amax
-        if self._learned is not None:
-            # Clip with a gradient to amax (PACT), then quantize on the clipped grid.
-            inputs = torch.minimum(torch.maximum(inputs, -amax), amax)
+        if self._learned_amax is not None and not d.fp8:
+            return tq.lsq_tensor_quant(inputs, amax, d.num_bits, d.unsigned, d.narrow_range,
+                                       self._grad_scale(inputs, amax))
         if d.fp8:
+            if self._learned_amax is not None:  # clip with a gradient to amax (PACT), then quantize
+                inputs = torch.minimum(torch.maximum(inputs, -amax), amax)
             return tq.fake_fp8_e4m3_quant(inputs, amax)
         return tq.fake_tensor_quant(inputs, amax, d.num_bits, d.unsigned, d.narrow_range)
 

@@ -207,3 +207,104 @@ def block_amax(weight: torch.Tensor, block_size: int) -> torch.Tensor:
 def fake_float_cast(inputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Round a tensor through a lower float dtype (fp16/bf16) with an identity gradient."""
     return inputs + (inputs.to(dtype).to(inputs.dtype) - inputs).detach()
+
+
+# ----------------------------------------------------------------- learned ranges (LSQ)
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum ``t`` over the dims a tensor of ``shape`` was broadcast along (the gradient of a broadcast)."""
+    if len(shape) == 0:
+        return t.sum()
+    lead = t.dim() - len(shape)
+    t = t.sum(dim=tuple(range(lead))) if lead > 0 else t
+    dims = tuple(d for d, n in enumerate(shape) if n == 1 and t.shape[d] != 1)
+    return (t.sum(dim=dims, keepdim=True) if dims else t).reshape(shape)
+
+
+class _LSQTensorQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, inputs, amax, num_bits, unsigned, narrow_range, grad_scale):
+        codes, scale = quant_codes(inputs, amax.detach(), num_bits, unsigned, narrow_range)
+        ctx.save_for_backward(inputs, amax)
+        ctx.bounds = (*int_bounds(num_bits, unsigned, narrow_range), grad_scale)
+        out = codes.div_(scale).to(inputs.dtype)  # the same arithmetic as _FakeTensorQuant: same codes
+        return _zero_dead(out, amax.abs() < _TINY)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs, amax = ctx.saved_tensors
+        lo, hi, grad_scale = ctx.bounds
+        safe, _ = _safe_amax(amax.detach())
+        scaled = inputs.float() * _bound_over(hi, safe)
+        rounded = torch.round(scaled)
+        # x_hat = clamp(round(u), lo, hi) * amax / hi with u = x * hi / amax and a straight-through round:
+        # d x_hat / dx = 1 where round(u) is representable; d x_hat / d amax = (round(u) - u) / hi there,
+        # and (clamped code) / hi where the input was clipped (LSQ, Esser et al. 2020, in amax units).
+        inside = (rounded >= lo) & (rounded <= hi)
+        d_amax = torch.where(inside, rounded - scaled, rounded.clamp(lo, hi)) / hi
+        g_in = grad * inside.to(grad.dtype)
+        g_amax = _sum_to(grad.float() * d_amax, amax.shape) * grad_scale
+        return g_in, g_amax.to(amax.dtype), None, None, None, None
+
+
+def lsq_tensor_quant(inputs: torch.Tensor, amax: torch.Tensor, num_bits: int = 8, unsigned: bool = False,
+                     narrow_range: bool = True, grad_scale: float = 1.0) -> torch.Tensor:
+    """``fake_tensor_quant`` (same output, bit for bit) with a learned-step-size gradient for ``amax``.
+
+    Args:
+        inputs: any float tensor.
+        amax: the range, a tensor that may require grad (scalar or broadcastable per-channel).
+        num_bits / unsigned / narrow_range: as for ``fake_tensor_quant``.
+        grad_scale: factor on amax's gradient (LSQ uses ``1 / sqrt(elements per amax * max code)``).
+
+    Returns:
+        The dequantized tensor. Gradients: straight-through to ``inputs`` where ``round(x * hi / amax)``
+        is a code of the grid; to ``amax``, ``(round(u) - u) / hi`` there and ``code / hi`` where clipped.
+    """
+    return _LSQTensorQuant.apply(inputs, amax, num_bits, unsigned, narrow_range, grad_scale)
+
+
+class _LSQAffineQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, inputs, scale, zero_point, qmin, qmax, grad_scale):
+        s = scale.detach()
+        zp = zero_point.detach().round().clamp(qmin, qmax)
+        q = (inputs / s).round_().add_(zp).clamp_(qmin, qmax)  # the arithmetic of _FakeAffineQuant
+        ctx.save_for_backward(inputs, s, zp)
+        ctx.bounds = (qmin, qmax, grad_scale, scale.shape, zero_point.shape)
+        return q.sub_(zp).mul_(s).to(inputs.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs, s, zp = ctx.saved_tensors
+        qmin, qmax, grad_scale, s_shape, z_shape = ctx.bounds
+        v = inputs.float() / s
+        code = torch.round(v) + zp
+        # x_hat = (clamp(round(v) + z, qmin, qmax) - z) * s, v = x / s, round straight-through (LSQ+,
+        # Bhalgat et al. 2020, with an integer zero point): inside the grid d/ds = round(v) - v and
+        # d/dz = 0; where clipped d/ds = code - z and d/dz = -s.
+        inside = (code >= qmin) & (code <= qmax)
+        d_s = torch.where(inside, torch.round(v) - v, code.clamp(qmin, qmax) - zp)
+        d_z = torch.where(inside, torch.zeros_like(v), -s.expand_as(v))
+        g = grad.float()
+        g_in = grad * inside.to(grad.dtype)
+        g_s = _sum_to(g * d_s, s_shape) * grad_scale
+        g_z = _sum_to(g * d_z, z_shape) * grad_scale
+        return g_in, g_s, g_z, None, None, None
+
+
+def lsq_affine_quant(inputs: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, num_bits: int = 8,
+                     grad_scale: float = 1.0) -> torch.Tensor:
+    """``fake_affine_quant`` with learned-step-size gradients for ``scale`` and ``zero_point``.
+
+    The zero point is a float parameter rounded (and clamped to the grid) in the forward pass, so the
+    forward is bit-identical to ``fake_affine_quant`` with ``round(zero_point)`` and an engine gets an
+    integer zero point.
+
+    Args:
+        inputs: any float tensor.
+        scale: positive step (tensor that may require grad).
+        zero_point: zero point as a float tensor (may require grad).
+        num_bits: bits of the unsigned grid.
+        grad_scale: factor on the gradients of scale and zero point.
+    """
+    return _LSQAffineQuant.apply(inputs, scale, zero_point, 0.0, 2.0**num_bits - 1.0, grad_scale)
