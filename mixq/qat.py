@@ -203,15 +203,19 @@ def _learn_tied(q, fmt: str, tied: dict) -> None:
         setattr(q, name, getattr(first, name))
 
 
+def _quantizers(m: nn.Module):
+    """Every quantizer of one quant module."""
+    return [q for qs in m.quantizers.values() for q in qs.values()]
+
+
 def finish_qat(qmodel: nn.Module) -> None:
     """End training: learned ranges become plain calibrated ranges, weight ranges the max of the final weights."""
     for m in qmodel.modules():
         if isinstance(m, QuantMixin):
-            for qs in m.quantizers.values():
-                for q in qs.values():
-                    if q.learned:
-                        q.store_learned()
-                    q.track_max = False
+            for q in _quantizers(m):
+                if q.learned:
+                    q.store_learned()
+                q.track_max = False
             m.calibrate_weights()
     _state(qmodel).prepared_digest = parameters_digest(qmodel)
 
@@ -219,10 +223,9 @@ def finish_qat(qmodel: nn.Module) -> None:
 def _clamp_ranges(qmodel: nn.Module) -> None:
     for m in qmodel.modules():
         if isinstance(m, QuantMixin):
-            for qs in m.quantizers.values():
-                for q in qs.values():
-                    if q.learned:
-                        q.clamp_learned()
+            for q in _quantizers(m):
+                if q.learned:
+                    q.clamp_learned()
 
 
 def _refresh_weight_ranges(qmodel: nn.Module) -> None:
@@ -422,7 +425,7 @@ def save_trained(qmodel: nn.Module, path: str | os.PathLike, extra: Optional[dic
     from mixq.checkpoint import _versions
 
     st = _state(qmodel)
-    if any(isinstance(m, QuantMixin) and any(q.learned for qs in m.quantizers.values() for q in qs.values())
+    if any(isinstance(m, QuantMixin) and any(q.learned for q in _quantizers(m))
            for m in qmodel.modules()):
         raise CheckpointError("the model still has learned range parameters: call mixq.qat.finish_qat(qmodel) first.")
     buf = io.BytesIO()
