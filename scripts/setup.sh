@@ -8,6 +8,21 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[examples,test]"
 
+# Chromium (Debian package chromium) for the headless-browser test of the HTML report (tests/test_report_html.py).
+# Optional: without it that test is skipped (it fails under CI=true); setup goes on either way.
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    if command -v apt-get >/dev/null && { [ -z "$SUDO" ] || command -v sudo >/dev/null; }; then
+        echo "setup: installing Chromium (Debian package chromium) for the HTML report's browser test"
+        { $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium; } || true
+    fi
+    if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+        echo "setup: WARNING: Chromium could not be installed (apt-get install chromium);" >&2
+        echo "  tests/test_report_html.py's browser test will be skipped (and fail under CI=true). Continuing." >&2
+    fi
+fi
+
 # Fashion-MNIST for experiments/effnet_fashion.py: pip cannot install it; Debian packages it.
 # $MIXQ_FASHION_MNIST may point at another folder holding the same four files.
 FASHION_DIR=${MIXQ_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}
