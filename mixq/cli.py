@@ -2,7 +2,8 @@
 
     mixq inventory [--example NAME | --model SPEC ...]      -> RUN/inventory.json
     mixq quantize  [--format int8 | --plan PLAN.json] ...   -> RUN/plan.json, RUN/quantize.json
-    mixq run       the main job: quantize + evaluate, export to ONNX Runtime, verify, time (RUN/run.json)
+    mixq deploy    one plan: quantize + evaluate, export to ONNX Runtime, verify, time (RUN/deploy.json)
+    mixq run       the whole pipeline: inventory -> scan -> search -> qat -> export -> verify -> latency -> report
 """
 from __future__ import annotations
 
@@ -173,8 +174,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """The main job: quantize + evaluate, then deploy on ONNX Runtime, verify it, and time it.
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """One plan: quantize + evaluate, then deploy on ONNX Runtime, verify it, and time it.
 
     Exits 1 when the engine-vs-simulation check fails.
     """
@@ -235,17 +236,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary["passed"] = passed
     plan.save(d / "plan.json")
     summary["seconds"] = time.perf_counter() - t0
-    write_atomic(d / "run.json", json.dumps(summary, indent=1, default=str))
-    print(f"wrote {d / 'plan.json'} and {d / 'run.json'}")
+    write_atomic(d / "deploy.json", json.dumps(summary, indent=1, default=str))
+    print(f"wrote {d / 'plan.json'} and {d / 'deploy.json'}")
     if not passed:
         print(f"mixq: FAILED: the engine does not compute what the simulation computes ({'; '.join(res.failures)}); "
-              f"see {d / 'run.json'}", file=sys.stderr)
+              f"see {d / 'deploy.json'}", file=sys.stderr)
         return 1
     return 0
 
 
 # Later stages register their own subcommands: register(subparsers, add_task_args, task_of, run_dir_of).
-_STAGE_COMMANDS: tuple[str, ...] = ("mixq.cli_scan", "mixq.cli_deploy", "mixq.cli_bench", "mixq.cli_search", "mixq.cli_qat")
+_STAGE_COMMANDS: tuple[str, ...] = ("mixq.cli_scan", "mixq.cli_deploy", "mixq.cli_bench", "mixq.cli_search", "mixq.cli_qat",
+                                    "mixq.cli_run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_args(inv)
     inv.set_defaults(func=cmd_inventory)
     for name, help_ in (("quantize", "calibrate, quantize and evaluate a plan against FP32"),
-                        ("run", "the main job: quantize, evaluate, deploy on ONNX Runtime, verify, time")):
+                        ("deploy", "one plan: quantize, evaluate, deploy on ONNX Runtime, verify, time")):
         q = sub.add_parser(name, help=help_)
         _add_task_args(q)
         q.add_argument("--format", default=None, help="format for every layer (default int8); not with --plan")
@@ -270,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
             from mixq.cli_deploy import add_batch_axis_arg
 
             add_batch_axis_arg(q)
-            q.set_defaults(func=cmd_run)
+            q.set_defaults(func=cmd_deploy)
     for module in _STAGE_COMMANDS:
         importlib.import_module(module).register(sub, _add_task_args, _task, _run_dir)
     return p

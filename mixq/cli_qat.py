@@ -73,7 +73,7 @@ def _config(args: argparse.Namespace, task):
 def cmd_qat(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable) -> int:
     from mixq.artifacts import write_atomic
     from mixq.cli_deploy import _plan
-    from mixq.evaluate import evaluate
+    from mixq.evaluate import evaluate, evaluate_plan
     from mixq.qat import qat, save_trained
     from mixq.quantize import quantize
     from mixq.task import load_spec
@@ -97,17 +97,19 @@ def cmd_qat(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable) -
     if args.train_batches:
         train = train[:args.train_batches]
     fp32 = evaluate(model, evald, task.metric_fn, progress="evaluate fp32")
-    ptq = evaluate(q, evald, task.metric_fn, progress="evaluate ptq")
+    ptq = evaluate_plan(q, q.mixq.plan, evald, task.metric_fn, reference=fp32, progress="evaluate ptq")
     print(f"{task.name}: FP32 {fp32.metric:.2f}, PTQ {ptq.metric:.2f}; QAT: {config.epochs} epoch(s) of "
           f"{len(train)} batches at lr {config.lr:g} (cosine decay)", flush=True)
     res = qat(q, model, train, config, eval_data=evald, metric_fn=task.metric_fn, checkpoint_dir=out,
               restart=args.restart)
-    final = evaluate(q, evald, task.metric_fn, progress="evaluate qat")
+    final = evaluate_plan(q, q.mixq.plan, evald, task.metric_fn, reference=fp32, progress="evaluate qat")
     save_trained(q, out, extra={"config": dataclasses.asdict(config), "history": res.history})
     lost = fp32.metric - ptq.metric
     recovered = (final.metric - ptq.metric) / lost if lost > 0 else None
     summary = {"task": task.name, "plan": plan.to_dict(), "config": dataclasses.asdict(config),
                "train_batches": len(train), "fp32": fp32.metric, "ptq": ptq.metric, "qat": final.metric,
+               "ptq_drop": ptq.drop, "ptq_drop_ci": list(ptq.drop_ci), "qat_drop": final.drop,
+               "qat_drop_ci": list(final.drop_ci), "samples": fp32.samples,
                "recovered_fraction": recovered, "history": res.history, "resumed_from": res.resumed_from,
                "seconds": res.seconds, "model": str(out)}
     path = write_atomic(d / f"qat-{label}.json", json.dumps(summary, indent=1))

@@ -31,3 +31,8 @@ def nan_metric(outputs, targets):
 
 def exploding_metric(outputs, targets):
     raise AssertionError("the metric ran: an evaluation happened before the bad input was refused")
+
+
+def train_data():
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(8, 1, 16, 16, generator=g) for _ in range(4)]  # inputs alone: distillation from FP32
