@@ -38,7 +38,8 @@ def test_core_does_not_import_later_stages(path):
 
 TORCH_FREE = ("report.py", "search.py", "plan.py", "formats.py", "errors.py", "artifacts.py", "latency/base.py",
               "latency/stats.py", "latency/model.py", "latency/trtexec.py", "latency/trtexec_files.py",
-              "latency/trt_layers.py", "engine", "sensitivity/table.py")
+              "latency/trt_layers.py", "engine", "sensitivity/table.py", "run_config.py", "pipeline_report.py",
+              "report_html.py", "search_report.py")
 
 
 @pytest.mark.parametrize("path", files(*TORCH_FREE),

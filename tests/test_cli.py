@@ -27,9 +27,9 @@ def test_quantize_compares_calibrators(tmp_path):
     assert rows[0]["metric"] == 100.0
 
 
-def test_run_quantizes_verifies_and_times(tmp_path, capsys):
-    assert main(["run", *SPECS, "--run-dir", str(tmp_path), "--runs", "5"]) == 0
-    out = json.loads((tmp_path / "run.json").read_text())
+def test_deploy_quantizes_verifies_and_times(tmp_path, capsys):
+    assert main(["deploy", *SPECS, "--run-dir", str(tmp_path), "--runs", "5"]) == 0
+    out = json.loads((tmp_path / "deploy.json").read_text())
     assert out["fp32_metric"] == 100.0 and "verify" in out and out["latency_ms"]["fp32"] > 0
     assert "[3/3]" in capsys.readouterr().out
 
@@ -49,7 +49,7 @@ def test_bad_input_is_a_one_line_error(argv, message, tmp_path, capsys):
     assert err.startswith("mixq: error:") and message in err
 
 
-def test_run_exits_nonzero_when_verification_fails(tmp_path, monkeypatch, capsys):
+def test_deploy_exits_nonzero_when_verification_fails(tmp_path, monkeypatch, capsys):
     import mixq.verify
 
     real = mixq.verify.verify
@@ -58,10 +58,10 @@ def test_run_exits_nonzero_when_verification_fails(tmp_path, monkeypatch, capsys
         return real(*a, **{**kw, "targets": {"agreement": 1.01}})
 
     monkeypatch.setattr(mixq.verify, "verify", strict)
-    assert main(["run", *SPECS, "--run-dir", str(tmp_path), "--runs", "2"]) == 1
+    assert main(["deploy", *SPECS, "--run-dir", str(tmp_path), "--runs", "2"]) == 1
     captured = capsys.readouterr()
     assert "FAIL" in captured.out and "FAILED" in captured.err
-    assert json.loads((tmp_path / "run.json").read_text())["passed"] is False
+    assert json.loads((tmp_path / "deploy.json").read_text())["passed"] is False
 
 
 def test_flags_beside_a_plan_win_and_are_said(tmp_path, capsys):
@@ -78,7 +78,7 @@ def test_flags_beside_a_plan_win_and_are_said(tmp_path, capsys):
     assert saved["backend"] == "tensorrt" and saved["calib_method"] == "percentile"
 
 
-@pytest.mark.parametrize("command", ["inventory", "quantize", "run", "export", "verify", "scan"])
+@pytest.mark.parametrize("command", ["inventory", "quantize", "deploy", "run", "export", "verify", "scan"])
 def test_a_bad_run_dir_is_refused_before_any_work(command, tmp_path, capsys, monkeypatch):
     import cli_task
 
@@ -92,7 +92,7 @@ def test_a_bad_run_dir_is_refused_before_any_work(command, tmp_path, capsys, mon
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["run", "--example", "mnist_resnet", *SPECS], "are alternatives"),
+    (["deploy", "--example", "mnist_resnet", *SPECS], "are alternatives"),
     (["quantize", *SPECS, "--plan", "p.json", "--format", "int8"], "--format int8 and --plan p.json are alternatives"),
     (["export", *SPECS, "--plan", "p.json", "--format", "fp16"], "are alternatives"),
     (["quantize", *SPECS, "--calib-methods", "max,kl"], "unknown calibration method(s) ['kl']"),
@@ -138,7 +138,7 @@ def test_quantize_says_what_was_realised_and_refuses_a_format_no_unit_runs_befor
     assert "int4_wo on 1 of 10 units; 9 stay fp32 because ort-cpu runs int4_wo only on linear" in out
     row = json.loads((tmp_path / "quantize.json").read_text())["rows"][1]
     assert row["realised"]["counts"] == {"fp32": 9, "int4_wo": 1} and len(row["drop_ci"]) == 2
-    argv = ["run", *SPECS[:-1], "cli_task:exploding_metric", "--run-dir", str(tmp_path), "--format", "fp8_e4m3"]
+    argv = ["deploy", *SPECS[:-1], "cli_task:exploding_metric", "--run-dir", str(tmp_path), "--format", "fp8_e4m3"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "no unit of the model can run 'fp8_e4m3' on backend 'ort-cpu'" in err and "int8 on conv" in err

@@ -24,7 +24,7 @@ sys.meta_path.insert(0, _NoTorch())
 
 PLAIN = ["mixq", "mixq.plan", "mixq.formats", "mixq.errors", "mixq.artifacts", "mixq.report", "mixq.latency",
          "mixq.latency.base", "mixq.latency.stats", "mixq.latency.model", "mixq.latency.trtexec",
-         "mixq.sensitivity.table"]
+         "mixq.sensitivity.table", "mixq.run_config", "mixq.pipeline_report", "mixq.report_html"]
 
 
 def run_fresh(code: str) -> subprocess.CompletedProcess:
