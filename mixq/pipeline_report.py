@@ -62,12 +62,12 @@ def _rows(search: dict, qat: Optional[dict], latency: Optional[dict]) -> list[di
     return out
 
 
-def _story(search: dict, rows: list[dict], qat: Optional[dict], verify: Optional[dict]) -> list[str]:
+def _story(search: dict, rows: list[dict], qat: Optional[dict], verify: Optional[dict], test: str) -> list[str]:
     by = {r["plan"]: r for r in rows}
     fp32, int8, best = by.get("fp32"), by.get("all-int8"), by.get("searched")
     lines = []
     if fp32 and int8:
-        lines.append(f"FP32 scores **{fp32['metric']:.2f}** on the test split; all-INT8 scores **{int8['metric']:.2f}** "
+        lines.append(f"FP32 scores **{fp32['metric']:.2f}** on the {test}; all-INT8 scores **{int8['metric']:.2f}** "
                      f"(drop {int8['drop']:+.2f}{_ci(int8['drop_ci'])}) at **{int8['ratio']:.2f}x** of FP32 latency.")
     if best:
         others = [r for r in rows if r["plan"] not in ("fp32", "searched", "searched + QAT") and r["meets"]]
@@ -104,9 +104,11 @@ def markdown(d: Path, records: Mapping, config: Mapping, command: str, versions:
     rows = _rows(search, qat, latency) if search else []
     split = "evaluation" if any("no search split" in n for n in search.get("notes", [])) else "search"
     L = [f"# mixq run: {search.get('task', '?')}", "", f"`{command}`", ""]
-    L += _story(search, rows, qat, verify) if search else ["The search did not finish."]
+    L += [f"- {line}" for line in _story(search, rows, qat, verify, "test split" if split == "search" else
+                                           "evaluation data")] if search else ["The search did not finish."]
     L += ["", "## Plans compared", "",
-          f"Test split (never seen by the search); latency: batch 1, one thread, ONNX Runtime CPU, medians of "
+          ("Test split (never seen by the search)" if split == "search" else "Evaluation data (the search saw it "
+           "too: the task has no search split)") + "; latency: batch 1, one thread, ONNX Runtime CPU, medians of "
           f"{(latency or {}).get('job', {}).get('rounds', '?')} rounds re-timed in one fresh process, each interleaved "
           f"with FP32 (FP32 {_f((latency or {}).get('fp32_ms'), '.3f')} ms). Budget: {search.get('budget', '-')}.", "",
           "| plan | units low | test metric | drop vs FP32 [95% CI] | latency ms | x FP32 | meets budget |",
@@ -124,7 +126,7 @@ def markdown(d: Path, records: Mapping, config: Mapping, command: str, versions:
         L += [f"- `{r['layer']}` {r['format']}: drop {r['drop']:+.2f}{_ci(r['drop_ci'])}"
               + (" (within noise)" if r.get("drop_noise") else "") for r in top]
         L += ["", f"![sensitivity]({figures['sensitivity']})"]
-    for key, title in (("pareto", "Metric vs measured latency (search split), with every baseline"),
+    for key, title in (("pareto", f"Metric vs measured latency ({split} split), with every baseline"),
                        ("precision", "Format per unit of every reported plan"), ("history", "Optimization history")):
         if key in figures:
             L += ["", f"## {title}", "", f"![{key}]({figures[key]})"]
