@@ -42,7 +42,7 @@ def _env() -> dict:
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mixq.cli", "run", *args], cwd=cwd, env=_env(),
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1200)
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +206,32 @@ def test_flags_override_the_configuration_and_say_so(tmp_path, capsys):
     c = config_of(args)
     assert c.get("search", "trials") == 20 and c.get("", "budget") == "0.7x"
     assert "--trials 20 overrides search.trials = 12" in capsys.readouterr().out
+
+
+def test_a_stage_is_current_only_with_its_fingerprint_and_its_files_unchanged(tmp_path):
+    """The record logic alone (no stage runs): fingerprints chain through the files earlier stages wrote."""
+    from types import SimpleNamespace
+
+    from mixq.pipeline import Pipeline, _files
+    from mixq.run_config import RunConfig
+
+    task = SimpleNamespace(name="t", search_fn=None, train_fn=None, train_recipe=None)
+    p = Pipeline(RunConfig.build(), tmp_path, ["--example", "x"], task, ["run"])
+    p.task_fp = "a" * 64
+    out = tmp_path / "scan" / "sensitivity.json"
+    out.parent.mkdir()
+    out.write_text("{}")
+    fp = p.fingerprint("scan", ["scan", "--seed", "0"])
+    assert fp == p.fingerprint("scan", ["scan", "--seed", "0", "--fresh"])  # --fresh is how, not what
+    assert fp != p.fingerprint("scan", ["scan", "--seed", "1"])
+    p.records["scan"] = {"fingerprint": fp, "files": _files([out])}
+    assert p.current("scan", fp) and not p.current("scan", "b" * 64)
+    search_fp = p.fingerprint("search", ["search"])
+    out.write_text('{"changed": 1}')
+    assert not p.current("scan", fp)  # a file changed behind the pipeline
+    p.records["scan"]["files"] = _files([out])
+    assert p.fingerprint("search", ["search"]) != search_fp  # what the scan wrote changed: the search is stale
+    p.task_fp = "c" * 64
+    assert p.fingerprint("scan", ["scan", "--seed", "0"]) != fp  # other weights or calibration data
+    out.unlink()
+    assert not p.current("scan", p.records["scan"]["fingerprint"])
