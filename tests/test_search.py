@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from mixq.errors import ConfigError, UnknownFormatError
+from mixq.latency.base import MeasuredLatency, RatioLatency
 from mixq.search import Budget, SearchSpace, baselines, pareto_front, run_search
 from mixq.search.study import TrialRecord
 
@@ -221,3 +222,52 @@ def test_the_search_package_imports_no_torch():
             "assert 'torch' not in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- a machine whose speed drifts
+RATIO_DELTAS = {"conv1": 1.0, "conv2": 2.0, "add": 0.5, "conv3": 1.5, "fc": 3.0}  # ms saved by int8 of 10 ms
+
+
+def true_ratio(a):
+    return 1.0 - sum(RATIO_DELTAS[u] for u, f in a.items() if f != "fp32") / 10.0
+
+
+class DriftingLatency(MeasuredLatency):
+    """A measured engine on a machine that speeds up 2x as the session goes on (load going away): every
+    measurement reads the plan's true cost times a factor falling from 2 to 1 over ``steps`` measurements."""
+
+    def __init__(self, steps: int = 100) -> None:
+        super().__init__(KINDS, "ort-cpu")
+        self.steps, self.calls = steps, 0
+
+    def _measure(self, a):
+        factor = 2.0 * 0.5 ** min(self.calls / self.steps, 1.0)
+        self.calls += 1
+        return {"median_ms": 10.0 * true_ratio(a) * factor}
+
+
+@pytest.mark.parametrize("mode", ["ratio", "absolute"])
+def test_a_relative_budget_is_judged_on_the_ratio_to_fp32_timed_next_to_the_plan(mode):
+    space = SearchSpace.build(KINDS, "ort-cpu", formats=["int8"])
+    plans = list(all_plans(space))
+    assert min(abs(true_ratio(p) - 0.62) for p in plans) > 0.02  # no plan within noise of the budget
+    lat = DriftingLatency()
+    fp32 = baselines.fp32(space)
+    timed = RatioLatency(lat, fp32, rounds=3) if mode == "ratio" else lat
+    res = run_search(space, additive_metric, timed, len(plans), Budget.parse("0.62x"), sampler="random",
+                     warm_start={f"plan {i}": p for i, p in enumerate(plans)})
+    assert len(res.records) == len(plans)
+    wrong = [(true_ratio(r.assignment), r.latency_ms / res.fp32_ms) for r in res.records
+             if r.feasible != (true_ratio(r.assignment) <= 0.62)]
+    if mode == "absolute":  # FP32 timed at the slow start: plans timed later look faster than they are
+        assert wrong, "the drift should fool one FP32 measurement made at the start"
+        return
+    assert not wrong, wrong
+    assert res.fp32_ms == pytest.approx(20.0) and timed.reference_ms == res.fp32_ms  # FP32's first, slow reading
+    for r in res.records:  # each plan: 3 rounds next to FP32, the order alternating; ms = ratio x the reference
+        if r.assignment != fp32:
+            st = timed.stats[tuple(sorted(r.assignment.items()))]
+            assert len(st["ratios"]) == len(st["fp32_rounds_ms"]) == 3
+            assert st["ratio"] == pytest.approx(true_ratio(r.assignment), rel=0.02)
+            assert r.latency_ms == pytest.approx(st["ratio"] * 20.0)
+    assert lat.calls == 1 + 6 * (len(plans) - 1)  # FP32 once for the reference, then a pair per round per plan

@@ -1,7 +1,8 @@
 """Latency: plan -> milliseconds, measured on an engine or predicted from measured plans.
 
 - ``base``: the ``LatencyModel`` protocol (``model(plan) -> ms``, ``model.measure_many(plans)``),
-  plan resolution and the plan-keyed cache of measured models (``MeasuredLatency``).
+  plan resolution and the plan-keyed cache of measured models (``MeasuredLatency``); ``RatioLatency``,
+  a plan's ratio to FP32 timed next to it (what a search with a relative budget judges).
 - ``stats``: ``LatencyStats`` (the one statistics type of every engine), ``time_runs``, and
   ``MeasurementSetup`` (what a measurement was made with; saved measurements are checked against it).
 - ``ort``: ``OrtLatency``, measured on ONNX Runtime CPU (the embedded default).
@@ -20,8 +21,9 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "LatencyModel": "base", "MeasuredLatency": "base", "LatencyError": "base", "assignment_of": "base",
-    "plan_key": "base", "LatencyStats": "stats", "MeasurementSetup": "stats", "time_runs": "stats",
+    "LatencyModel": "base", "MeasuredLatency": "base", "RatioLatency": "base", "LatencyError": "base",
+    "assignment_of": "base", "plan_key": "base",
+    "LatencyStats": "stats", "MeasurementSetup": "stats", "time_runs": "stats",
     "OrtLatency": "ort",
     "TensorRTLatency": "tensorrt", "Engine": "tensorrt", "build_engine": "tensorrt",
     "TensorRTUnavailableError": "tensorrt",

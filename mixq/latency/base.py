@@ -235,3 +235,73 @@ class MeasuredLatency:
 
     def _measure(self, assignment: Assignment) -> Mapping:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+class RatioLatency:
+    """A plan's latency as its ratio to FP32 timed right next to it, in milliseconds of a fixed FP32 reference.
+
+    On a shared machine absolute milliseconds drift over minutes (2x under load here), so a plan measured late
+    in a search and compared with an FP32 measured at its start is judged on stale numbers. Here each plan is
+    timed in ``rounds`` rounds back to back with FP32, the order alternating (FP32 then the plan, then the plan
+    then FP32, ...), and its figure is the median of the per-round ratios times ``reference_ms``. A budget of
+    ``0.6x`` the reference is then met exactly when that ratio is <= 0.6, however fast the machine was meanwhile.
+
+    Args:
+        latency: the ``MeasuredLatency`` whose ``_measure`` times one plan (each round measures afresh: its
+            cache is not used, and the rounds are not added to it).
+        fp32_plan: the all-FP32 plan.
+        rounds: FP32 / plan pairs per plan.
+        reference_ms: the FP32 milliseconds ratios are expressed in (None: ``latency(fp32_plan)``, on first use).
+
+    Attributes:
+        stats: plan key -> {"ratio", "ratios", "median_ms", "rounds_ms", "fp32_rounds_ms"}.
+
+    Raises:
+        LatencyError: ``rounds`` below 1.
+    """
+
+    def __init__(self, latency: MeasuredLatency, fp32_plan: PlanLike, rounds: int = 3,
+                 reference_ms: Optional[float] = None) -> None:
+        if int(rounds) < 1:
+            raise LatencyError(f"rounds must be >= 1, but got {rounds!r}.")
+        self.latency, self.rounds = latency, int(rounds)
+        self.fp32 = latency.assignment(fp32_plan)
+        self._reference = None if reference_ms is None else float(reference_ms)
+        self.stats: dict[tuple, dict] = {}
+
+    @property
+    def reference_ms(self) -> float:
+        """The FP32 milliseconds a ratio of 1 stands for."""
+        if self._reference is None:
+            self._reference = float(self.latency(self.fp32))
+        return self._reference
+
+    def ratio(self, plan: PlanLike) -> float:
+        """Median over rounds of the plan's latency / FP32's right next to it (1 for the FP32 plan itself)."""
+        a = self.latency.assignment(plan)
+        key = plan_key(a)
+        if key == plan_key(self.fp32):
+            return 1.0
+        if key not in self.stats:
+            fp32_ms, plan_ms = [], []
+            for r in range(self.rounds):
+                first, second = (self.fp32, a) if r % 2 == 0 else (a, self.fp32)
+                x, y = (_median_ms(self.latency._measure(b)) for b in (first, second))
+                fp32_ms.append(x if r % 2 == 0 else y)
+                plan_ms.append(y if r % 2 == 0 else x)
+            ratios = [p / f for p, f in zip(plan_ms, fp32_ms)]
+            self.stats[key] = {"ratio": float(statistics.median(ratios)), "ratios": ratios,
+                               "median_ms": float(statistics.median(plan_ms)), "rounds_ms": plan_ms,
+                               "fp32_rounds_ms": fp32_ms}
+        return self.stats[key]["ratio"]
+
+    def __call__(self, plan: PlanLike) -> float:
+        """The plan's ratio to FP32 times ``reference_ms``."""
+        return self.ratio(plan) * self.reference_ms
+
+    def measure_many(self, plans: Iterable[PlanLike]) -> list[float]:
+        return [self(p) for p in plans]
+
+
+def _median_ms(st: Any) -> float:
+    return float((st.to_dict() if isinstance(st, LatencyStats) else st)["median_ms"])
