@@ -42,6 +42,8 @@ def register(sub, add_task_args: Callable, task_of: Callable, run_dir_of: Callab
     p.add_argument("--runs", type=int, default=50, help="timed runs per latency measurement in the search (median; "
                                                      "default 50)")
     p.add_argument("--rounds", type=int, default=5, help="rounds of the fresh-process re-timing (default 5)")
+    p.add_argument("--ratio-rounds", type=int, default=3, help="with a relative budget (0.8x), each plan is timed "
+                   "back to back with FP32 in this many alternating rounds and judged on the median ratio (default 3)")
     p.add_argument("--retime-seconds", type=float, default=0.2,
                    help="each fresh-process measurement runs at least this long (default 0.2 s)")
     p.add_argument("--calib-method", default="max", help="max (default), entropy, percentile or mse")
@@ -105,7 +107,7 @@ def options_of(args: argparse.Namespace):
         raise MixqError(f"unknown sampler {args.sampler!r}; valid samplers are {', '.join(SAMPLERS)}."
                         f"{did_you_mean(args.sampler, SAMPLERS)}")
     for flag, v in (("--trials", args.trials), ("--runs", args.runs), ("--rounds", args.rounds),
-                    ("--candidates", args.candidates)):
+                    ("--ratio-rounds", args.ratio_rounds), ("--candidates", args.candidates)):
         if v < 1:
             raise MixqError(f"{flag} must be at least 1, but got {v}.")
     if not args.retime_seconds >= 0:
@@ -129,6 +131,7 @@ def options_of(args: argparse.Namespace):
     formats = [f for f in formats if f != "fp32"]
     return SearchOptions(budget=budget, front=args.front, trials=args.trials, sampler=args.sampler, seed=args.seed,
                          formats=formats, runs=args.runs, rounds=args.rounds, retime_seconds=args.retime_seconds,
+                         ratio_rounds=args.ratio_rounds,
                          calib_method=check_calib_method(args.calib_method), storage=args.storage, study=args.study,
                          fresh=args.fresh, random_baseline=not args.no_random_baseline,
                          candidates=args.candidates, metric_tolerance=args.metric_tolerance,

@@ -211,6 +211,13 @@ def markdown(summary: dict, paths: dict) -> str:
                  f"the search (ONNX Runtime CPU, batch 1, one thread).")
     else:
         L.append(f"No budget: the metric/latency front. FP32 {summary['fp32_ms']:.3f} ms.")
+    mode = summary.get("latency_mode")
+    if mode and mode["mode"] == "ratio":
+        L.append(f"Latency in the search: each plan timed back to back with FP32 in {mode['rounds']} alternating "
+                 "rounds, the budget judged on the median ratio, shown as that ratio x FP32 "
+                 f"{mode['reference_ms']:.3f} ms.")
+    elif mode:
+        L.append("Latency in the search: one absolute measurement per plan (median of its runs).")
     L += ["", f"Space: {summary['space']['describe']}.", "",
           f"Study `{summary['study']}` in {summary['storage']} ({summary['trials']} trials, {summary['sampler']}, seed "
           f"{summary['seed']}), warm-started with the baselines; random search with the same number of trials in "

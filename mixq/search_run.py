@@ -8,7 +8,8 @@ Stages (each cached in ``RUN/search-cache/`` under one fingerprint, so a rerun a
 3. FP32 and single-unit latencies on ONNX Runtime (``search-cache/latency.json``; every plan measured later is
    added); the budget is checked against the fastest plan measured and against FP32;
 4. the baselines, enqueued as the first trials of the Optuna study; a random-search study with the same
-   trial count, evaluated the same way; both in the study storage, resumable;
+   trial count, evaluated the same way; both in the study storage, resumable; with a relative budget each plan is
+   timed back to back with FP32 and judged on the ratio (``search_latency``);
 5. every reported plan on the test split, and re-timed in a fresh process (``mixq.search_retime``), each
    interleaved with FP32, against the budget.
 """
@@ -55,6 +56,7 @@ class SearchOptions:
     command: str = ""
     batch_axis: Any = 0
     workers: int = 1
+    ratio_rounds: int = 3
     join: bool = False
     worker_index: int = 0
     argv: list = field(default_factory=list)
@@ -109,11 +111,44 @@ def fingerprint_parts(task, model, calib, search_data, backend: str, opts: Searc
                   "latency": digest(onnxruntime.__version__, cpu_model(), 1, "thread", opts.runs, str(opts.batch_axis)),
                   "budget": str(opts.budget) if opts.budget is not None else "none",
                   "objective": "metric+latency" if opts.front else "metric"})
+    if ratio_mode(opts):  # absolute studies keep their fingerprint; relative ones made before ratio mode are refused
+        parts["latency_mode"] = f"ratio to FP32, {opts.ratio_rounds} rounds"
     return parts
 
 
 def _cache_parts(parts: dict) -> dict:
-    return {k: v for k, v in parts.items() if k not in ("budget", "objective")}
+    return {k: v for k, v in parts.items() if k not in ("budget", "objective", "latency_mode")}
+
+
+def ratio_mode(opts: SearchOptions) -> bool:
+    """Whether the study judges plans by their ratio to FP32 timed next to them (a relative budget)."""
+    return opts.budget is not None and opts.budget.unit == "x"
+
+
+def search_latency(lat, space, opts: SearchOptions, reference_ms: Optional[float]):
+    """What the study times a plan with: ``lat`` itself (absolute budget, or none), or, with a relative budget,
+    its ratio to FP32 timed back to back with it (``RatioLatency``) in milliseconds of ``reference_ms``.
+
+    Absolute milliseconds drift up to 2x under load on a shared machine; a ratio to an FP32 run made next to the
+    plan does not, and ``ratio * reference <= budget * reference`` is the constraint the study records.
+    """
+    if not ratio_mode(opts):
+        return lat
+    from mixq.latency.base import RatioLatency
+    from mixq.search import baselines
+
+    return RatioLatency(lat, baselines.fp32(space), opts.ratio_rounds, reference_ms)
+
+
+def recorded_fp32_ms(storage: Any, name: str) -> Optional[float]:
+    """The FP32 latency an existing study's budget is relative to (None: no such study, or none recorded)."""
+    from mixq.search.workers import FP32_ATTR
+
+    try:
+        v = storage.get_study_user_attrs(storage.get_study_id_from_name(name)).get(FP32_ATTR)
+    except KeyError:
+        return None
+    return None if v is None else float(v)
 
 
 def check_cache(folder: Path, parts: dict) -> None:
@@ -387,8 +422,10 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
     def metric_of(a: dict) -> float:
         return evaluate_plan(q, plan_of(a), search_data, task.metric_fn).metric
 
+    timed = search_latency(lat, space, opts, recorded_fp32_ms(storage, name) or fp32_ms)
+
     def measured(a: dict) -> float:
-        ms = lat(a)
+        ms = timed(a)
         lat.save(lat_file)
         return ms
 
@@ -405,7 +442,7 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
 
     def start_workers(shared) -> None:
         """--workers N: this process is worker 0; N - 1 more join the study now that it is ready."""
-        if shared is not None:
+        if shared is not None and timed is lat:  # ratio mode: stage 3's absolute numbers are not the study's
             for a, ms in lat.records():  # what stage 3 measured is measured for the whole study
                 shared.publish(a, ms)
         started.extend(start_local_workers(d, opts, storage_text))
@@ -471,7 +508,10 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
                "sensitivity": {"drops": drops, "fisher": fisher, "single_deltas_ms": deltas, "weights": params},
                "baselines": base, "rows": rows, "retime": retimed, "search": res.to_dict(),
                "random": rand.to_dict() if rand is not None else None, "notes": notes, "stages": stages,
-               "selection": selection, "workers": worker_timings, "metric_tolerance": opts.metric_tolerance, "chosen_trial": None if best is None else best.number}
+               "selection": selection, "workers": worker_timings, "metric_tolerance": opts.metric_tolerance,
+               "chosen_trial": None if best is None else best.number,
+               "latency_mode": {"mode": "ratio", "rounds": opts.ratio_rounds, "reference_ms": timed.reference_ms}
+               if timed is not lat else {"mode": "absolute", "rounds": 1}}
     if best is not None:
         plan_of(best.assignment).save(d / "search-best.json")
     else:
@@ -498,7 +538,8 @@ def _resumed_note(res, notes: list) -> None:
 # ----------------------------------------------------------------------------- several workers
 def latency_setup(lat, opts: SearchOptions) -> dict:
     """What a latency of this search depends on: a study refuses latencies measured with anything else."""
-    return {**lat.setup.to_dict(), "runs": opts.runs, "warmup": lat.warmup}
+    mode = {"ratio_to_fp32_rounds": opts.ratio_rounds} if ratio_mode(opts) else {}
+    return {**lat.setup.to_dict(), "runs": opts.runs, "warmup": lat.warmup, **mode}
 
 
 def start_local_workers(d: Path, opts: SearchOptions, storage_text: str) -> list:
@@ -591,6 +632,7 @@ def join(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage
         batch_axis = opts.batch_axis
 
     lat = OrtLatency(q, _example_batch(calib[0]), runs=opts.runs, float_graph=float_graph_of(q, calib, _Args))
+    timed = search_latency(lat, space, opts, recorded_fp32_ms(storage, name))
     from mixq.evaluate import evaluate_plan
     from mixq.plan import QuantPlan
 
@@ -601,7 +643,7 @@ def join(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage
 
     # each worker its own sampler seed: equal seeds on one history would propose equal plans
     seed = opts.seed + 1000 * opts.worker_index if opts.worker_index else opts.seed + os.getpid()
-    res = run_search(space, metric_of, lat, opts.trials, budget=opts.budget, front=opts.front, sampler=opts.sampler,
+    res = run_search(space, metric_of, timed, opts.trials, budget=opts.budget, front=opts.front, sampler=opts.sampler,
                      seed=seed, storage=storage, study_name=name, fingerprint=parts, storage_text=storage_text,
                      exclusive=False, latency_setup=latency_setup(lat, opts), lock=LatencyLock())
     print(json.dumps(res.timing), flush=True)

@@ -275,6 +275,12 @@ def test_the_command_writes_every_artifact_and_a_report(searched):
     for png in ("search-pareto.png", "search-precision.png", "search-history.png"):
         assert (searched / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in md
     assert "storage" in md and "optuna-dashboard" in md and "mixq search --model test_search_cli:model" in md
+    # a relative budget: the study timed each plan next to FP32 and judged it on the ratio (said in both)
+    assert out["latency_mode"]["mode"] == "ratio" and out["latency_mode"]["rounds"] == 3
+    assert out["latency_mode"]["reference_ms"] == pytest.approx(out["fp32_ms"])
+    assert "back to back with FP32 in 3 alternating rounds" in md
+    for t in trials:
+        assert t["feasible"] == (t["latency_ms"] <= 0.8 * out["fp32_ms"] * (1 + 1e-9)), t
     # the weight-bits plan at the searched plan's effective bits has those bits or fewer
     params = out["sensitivity"]["weights"]
     best = next(r for r in out["rows"] if r["plan"] == "searched")

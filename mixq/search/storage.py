@@ -33,7 +33,8 @@ _PART_WORDS = {"model": "the model (weights or code)", "calib_data": "the calibr
                "backend": "the backend", "formats": "the formats of the space", "calib_method": "the calibration method",
                "space": "the search space (units and their choices)", "budget": "the budget",
                "objective": "the objectives (--front or a single metric)", "latency": "the latency measurement "
-               "setup (engine version, threads, clock, runs, CPU)"}
+               "setup (engine version, threads, clock, runs, CPU)",
+               "latency_mode": "how the search times a plan (ratio to FP32 next to it, and its rounds)"}
 
 
 def mask_url(url: str) -> str:
