@@ -92,6 +92,8 @@ def main() -> int:
     ap.add_argument("--train-batches", type=int, default=None, help="use only the first N training batches")
     ap.add_argument("--eval-split", default="eval", choices=("eval", "search"),
                     help="evaluate on the example's evaluation (test) split or on its (smaller) search split")
+    ap.add_argument("--no-deploy", action="store_true",
+                    help="skip verify and latency (quick runs, e.g. choosing a recipe on the search split)")
     ap.add_argument("--runs", type=int, default=200, help="timed runs per latency round")
     ap.add_argument("--rounds", type=int, default=5, help="alternating latency rounds per model")
     ap.add_argument("--out", default=None, help="output stem (default reports/qat_<example>)")
@@ -118,11 +120,14 @@ def main() -> int:
             res = qat(q, model, train, config, progress=False, log=None)
             train_s = time.perf_counter() - t0
             ev = evaluate(q, evald, task.metric_fn)
-            from mixq.export import export_float_graph
-            from mixq.verify import verify
+            deploy = {"verify_passed": None, "verify": None, "ptq_ms": None, "qat_ms": None, "same_graph": None}
+            if not args.no_deploy:
+                from mixq.export import export_float_graph
+                from mixq.verify import verify
 
-            ver = verify(q, plan, evald, task.metric_fn, graph=export_float_graph(q, calib[0]), threads=1)
-            lat = _latency({"ptq": ptq_model, "qat": q}, plan, calib[0], args.runs, args.rounds)
+                ver = verify(q, plan, evald, task.metric_fn, graph=export_float_graph(q, calib[0]), threads=1)
+                deploy = {"verify_passed": bool(ver.passed), "verify": ver.summary(),
+                          **_latency({"ptq": ptq_model, "qat": q}, plan, calib[0], args.runs, args.rounds)}
             d_ptq = fp32.metric - ptq.metric
             rec = (ev.metric - ptq.metric) / d_ptq if d_ptq > 0 else None
             row = {"plan": f"ort-cpu all-{fmt}, {method}", "recipe": label, "epochs": config.epochs, "lr": config.lr,
@@ -132,8 +137,7 @@ def main() -> int:
                    "gain_ci": paired_bootstrap_ci(ev.scores - ptq.scores),
                    "recovered": rec, "recovered_ci": _recovered_ci(fp32.scores, ptq.scores, ev.scores) if rec is not None
                    else (None, None),
-                   "verify_passed": bool(ver.passed), "verify": ver.summary(), "train_seconds": train_s,
-                   "history": res.history, **{k: v for k, v in lat.items()}}
+                   "train_seconds": train_s, "history": res.history, **deploy}
             rows.append(row)
             print(_line(row), flush=True)
     table = _table(rows)
@@ -155,13 +159,21 @@ def _line(r: dict) -> str:
     rec = "n/a" if r["recovered"] is None else f"{100 * r['recovered']:.0f}%"
     return (f"{r['plan']} | {r['recipe']}: FP32 {r['fp32']:.2f}, PTQ {r['ptq']:.2f} (drop {r['ptq_drop']:+.2f} "
             f"{_ci(r['ptq_drop_ci'])}), QAT {r['qat']:.2f} (drop {r['qat_drop']:+.2f} {_ci(r['qat_drop_ci'])}), "
-            f"recovered {rec}; latency PTQ {r['ptq_ms']:.3f} ms, QAT {r['qat_ms']:.3f} ms, same graph "
-            f"{r['same_graph']}; verify {'PASS' if r['verify_passed'] else 'FAIL'}")
+            f"recovered {rec}; latency PTQ {_ms(r['ptq_ms'])} ms, QAT {_ms(r['qat_ms'])} ms, same graph "
+            f"{r['same_graph']}; verify {_verdict(r['verify_passed'])}; {r['train_seconds']:.0f} s to train")
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _verdict(passed) -> str:
+    return "not run" if passed is None else "PASS" if passed else "FAIL"
 
 
 def _table(rows: list) -> str:
     head = ("| plan | recipe | FP32 | PTQ | PTQ drop [95%] | QAT | QAT drop [95%] | recovered [95%] | "
-            "PTQ ms | QAT ms | same graph | verify |\n|---|---|---:|---:|---|---:|---|---|---:|---:|---|---|")
+            "PTQ ms | QAT ms | same graph | verify | train s |\n|---|---|---:|---:|---|---:|---|---|---:|---:|---|---|---:|")
     lines = [head]
     for r in rows:
         rec = "n/a (PTQ lost nothing)" if r["recovered"] is None else \
@@ -169,8 +181,9 @@ def _table(rows: list) -> str:
                                               f"[{100 * r['recovered_ci'][0]:.0f}%, {100 * r['recovered_ci'][1]:.0f}%]")
         lines.append(f"| {r['plan']} | {r['recipe']} | {r['fp32']:.2f} | {r['ptq']:.2f} | {r['ptq_drop']:+.2f} "
                      f"{_ci(r['ptq_drop_ci'])} | {r['qat']:.2f} | {r['qat_drop']:+.2f} {_ci(r['qat_drop_ci'])} | {rec} | "
-                     f"{r['ptq_ms']:.3f} | {r['qat_ms']:.3f} | {'yes' if r['same_graph'] else 'NO'} | "
-                     f"{'PASS' if r['verify_passed'] else 'FAIL'} |")
+                     f"{_ms(r['ptq_ms'])} | {_ms(r['qat_ms'])} | "
+                     f"{'-' if r['same_graph'] is None else 'yes' if r['same_graph'] else 'NO'} | "
+                     f"{_verdict(r['verify_passed'])} | {r['train_seconds']:.0f} |")
     return "\n".join(lines)
 
 
