@@ -1,12 +1,13 @@
 """QAT recovery: FP32 vs PTQ vs QAT on an example's test split, and the plan's latency re-measured.
 
     python bench/bench_qat.py [--example mnist_resnet] [--plans int8:max,int8:entropy] [--recipes default,3:3e-4]
-                              [--out reports/qat_mnist_resnet]
+                              [--out reports/qat_mnist_resnet] [--train-batches N] [--eval-split eval|search]
+                              [--no-deploy | --no-verify] [--save-dir DIR]
 
 For each plan (ort-cpu, all units in the format, calibrated with the method) and each recipe
 ("default" = the field recipe on the example's TRAIN_RECIPE: 10% of its epochs, 1% of its learning
 rate; "E:LR" = E epochs at peak LR), the model is quantized and calibrated once for PTQ and once
-more for QAT (distillation from FP32 plus cross-entropy, cosine decay), then evaluated on the test
+more for QAT (distillation from FP32, plus cross-entropy where batches carry labels; cosine decay), then evaluated on the test
 split. Intervals are paired bootstrap 95% intervals over the test samples (1000 resamples, seed 0);
 the recovered fraction is (QAT - PTQ) / (FP32 - PTQ), with its interval from the same resamples.
 Latency: the PTQ and the QAT model of a plan are exported to ONNX (Q/DQ), their node lists compared,
@@ -16,6 +17,7 @@ The QAT model is also checked with ``mixq.verify`` (engine vs simulation).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -94,6 +96,9 @@ def main() -> int:
                     help="evaluate on the example's evaluation (test) split or on its (smaller) search split")
     ap.add_argument("--no-deploy", action="store_true",
                     help="skip verify and latency (quick runs, e.g. choosing a recipe on the search split)")
+    ap.add_argument("--no-verify", action="store_true", help="skip verify (run `mixq verify --qat` on --save-dir instead)")
+    ap.add_argument("--save-dir", default=None,
+                    help="save each trained model to DIR/qat-<format>-<method>-<n> (for `mixq export/verify --qat`)")
     ap.add_argument("--runs", type=int, default=200, help="timed runs per latency round")
     ap.add_argument("--rounds", type=int, default=5, help="alternating latency rounds per model")
     ap.add_argument("--out", default=None, help="output stem (default reports/qat_<example>)")
@@ -114,20 +119,27 @@ def main() -> int:
         plan = QuantPlan.uniform(fmt, "ort-cpu", method)
         ptq_model = quantize(model, plan, calib_data=calib)
         ptq = evaluate(ptq_model, evald, task.metric_fn)
-        for label, config in _recipes(args.recipes, task):
+        for n, (label, config) in enumerate(_recipes(args.recipes, task)):
             t0 = time.perf_counter()
             q = quantize(model, plan, calib_data=calib)
             res = qat(q, model, train, config, progress=False, log=None)
             train_s = time.perf_counter() - t0
             ev = evaluate(q, evald, task.metric_fn)
+            saved = None
+            if args.save_dir:
+                from mixq.qat import save_trained
+
+                saved = str(save_trained(q, Path(args.save_dir) / f"qat-{fmt}-{method}-{n}",
+                                         extra={"config": dataclasses.asdict(config), "history": res.history}))
             deploy = {"verify_passed": None, "verify": None, "ptq_ms": None, "qat_ms": None, "same_graph": None}
             if not args.no_deploy:
-                from mixq.export import export_float_graph
-                from mixq.verify import verify
+                if not args.no_verify:
+                    from mixq.export import export_float_graph
+                    from mixq.verify import verify
 
-                ver = verify(q, plan, evald, task.metric_fn, graph=export_float_graph(q, calib[0]), threads=1)
-                deploy = {"verify_passed": bool(ver.passed), "verify": ver.summary(),
-                          **_latency({"ptq": ptq_model, "qat": q}, plan, calib[0], args.runs, args.rounds)}
+                    ver = verify(q, plan, evald, task.metric_fn, graph=export_float_graph(q, calib[0]), threads=1)
+                    deploy.update(verify_passed=bool(ver.passed), verify=ver.summary())
+                deploy.update(_latency({"ptq": ptq_model, "qat": q}, plan, calib[0], args.runs, args.rounds))
             d_ptq = fp32.metric - ptq.metric
             rec = (ev.metric - ptq.metric) / d_ptq if d_ptq > 0 else None
             row = {"plan": f"ort-cpu all-{fmt}, {method}", "recipe": label, "epochs": config.epochs, "lr": config.lr,
@@ -137,7 +149,7 @@ def main() -> int:
                    "gain_ci": paired_bootstrap_ci(ev.scores - ptq.scores),
                    "recovered": rec, "recovered_ci": _recovered_ci(fp32.scores, ptq.scores, ev.scores) if rec is not None
                    else (None, None),
-                   "train_seconds": train_s, "history": res.history, **deploy}
+                   "train_seconds": train_s, "history": res.history, "saved": saved, **deploy}
             rows.append(row)
             print(_line(row), flush=True)
     table = _table(rows)
@@ -146,7 +158,9 @@ def main() -> int:
             "eval_samples": fp32.samples,
             "train_batches": len(train), "rows": rows}
     write_atomic(out.with_suffix(".json"), json.dumps(meta, indent=1))
-    write_atomic(out.with_suffix(".md"), f"Command: `{meta['command']}`\n\n{table}\n")
+    split = "evaluation (test)" if args.eval_split == "eval" else "search"
+    write_atomic(out.with_suffix(".md"), f"Command: `{meta['command']}`\n\n{task.name}: the {split} split, {fp32.samples} "
+                 f"samples; {len(train)} training batches; paired-bootstrap 95% intervals.\n\n{table}\n")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     return 0
 

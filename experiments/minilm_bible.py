@@ -164,13 +164,8 @@ def calib_data(num_batches: int = 8, batch_size: int = CALIB_BATCH) -> list[tupl
     return [minilm.tokenize(list(texts[i * batch_size : (i + 1) * batch_size])) for i in range(num_batches)]
 
 
-# The float model's schedule, for QAT's recipe (10% of the epochs, 1% of the learning rate; mixq.qat.QATConfig.from_original).
-# Source: the all-MiniLM-L6-v2 model card (sentence-transformers, "Training procedure"): 100k steps at batch size 1,024,
-# AdamW at lr 2e-5, 500 warmup steps, contrastive loss on ~1B sentence pairs; 100k x 1,024 = 102M pairs, about a
-# tenth of one pass, so "epochs": 1 stands for the whole original run. 10% of it (10k steps x 1,024 texts) cannot be
-# rerun here (a step of 32 texts takes seconds on one core); QAT makes one pass over train_data() instead.
-TRAIN_RECIPE = {"epochs": 1, "lr": 2e-5, "batch_size": 1024, "steps": 100_000, "warmup_steps": 500,
-                "optimizer": "AdamW, 500 warmup steps, then linear decay"}
+# all-MiniLM-L6-v2's own training schedule (its model card), for QAT's recipe: see minilm.TRAIN_RECIPE.
+TRAIN_RECIPE = minilm.TRAIN_RECIPE
 
 
 def train_data(num_texts: int | None = None, batch_size: int = TRAIN_BATCH) -> list[tuple[tuple[torch.Tensor, torch.Tensor], None]]:
