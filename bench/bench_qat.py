@@ -78,8 +78,9 @@ def _recipes(text: str, task: Task) -> list[tuple[str, QATConfig]]:
     for r in text.split(","):
         if r == "default":
             rec = task.train_recipe
-            out.append((f"default ({rec['epochs']} ep x 10%, lr {rec['lr']:g} x 1%)",
-                        QATConfig.from_original(rec["epochs"], rec["lr"])))
+            config = QATConfig.from_recipe(rec)
+            lr = f"lr {rec['lr']:g} x 1%" if "qat_lr" not in rec else f"lr {config.lr:g} (measured; not {rec['lr']:g} x 1%)"
+            out.append((f"default ({rec['epochs']} ep x 10%, {lr})", config))
         else:
             e, lr = r.split(":")
             out.append((f"{e} ep, lr {float(lr):g}", QATConfig(epochs=int(e), lr=float(lr))))

@@ -113,6 +113,7 @@ def test_train_data_is_disjoint_from_the_evaluation_splits() -> None:
     wmth, kjv_nt, _ = mb._verses()
     weymouth = set(wmth.values())
     assert 1_000 < len(set(train) & weymouth) < 2_000  # the NT verses outside both splits, in Weymouth wording
+    assert len(mb.train_data()) == mb.NUM_TRAIN // 32 and len(mb.train_data(num_texts=None)) == -(-len(train) // 32)
     batches = mb.train_data(num_texts=70)
     assert [len(inputs[0]) for inputs, _ in batches] == [32, 32, 6]
     for (ids, mask), target in batches:
