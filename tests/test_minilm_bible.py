@@ -133,5 +133,7 @@ def test_train_recipe_is_stated_and_valid() -> None:
     assert 0 < r["lr"] < 1e-3 and r["batch_size"] >= 1 and r["steps"] >= 1
     config = QATConfig.from_original(r["epochs"], r["lr"])
     assert config.epochs == 1 and config.lr == pytest.approx(r["lr"] / 100)
+    assert QATConfig.from_recipe(r) == QATConfig(epochs=1, lr=r["qat_lr"])  # the measured lr, stated beside it
+    assert 0 < r["qat_lr"] < 1e-3
     task = Task.example("minilm_bible")
     assert task.train_recipe is r and task.train_fn is mb.train_data
