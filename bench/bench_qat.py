@@ -61,7 +61,8 @@ def _latency(models: dict, plan: QuantPlan, example, runs: int, rounds: int) -> 
         onnx_model = apply_plan(export_float_graph(q, example), q, plan)
         graphs[name] = [(n.op_type, tuple(n.input), tuple(n.output)) for n in onnx_model.graph.node]
         sessions[name] = build(onnx_model, 1).session
-    feeds = {sessions["ptq"].get_inputs()[0].name: example.numpy()}
+    tensors = example if isinstance(example, (tuple, list)) else (example,)  # MiniLM: (input_ids, attention_mask)
+    feeds = {i.name: t.numpy() for i, t in zip(sessions["ptq"].get_inputs(), tensors)}
     times = {name: [] for name in models}
     for _ in range(rounds):
         for name, sess in sessions.items():
