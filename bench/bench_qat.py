@@ -64,8 +64,10 @@ def _latency(models: dict, plan: QuantPlan, example, runs: int, rounds: int) -> 
     tensors = example if isinstance(example, (tuple, list)) else (example,)  # MiniLM: (input_ids, attention_mask)
     feeds = {i.name: t.numpy() for i, t in zip(sessions["ptq"].get_inputs(), tensors)}
     times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, sess in sessions.items():
+    for r in range(rounds):
+        # Each model goes first in every other round: on a loaded machine the second slot ran slower.
+        for name in (list(sessions) if r % 2 == 0 else list(sessions)[::-1]):
+            sess = sessions[name]
             st = time_runs(lambda: sess.run(None, feeds), runs, 10, "thread")
             times[name].append(st.median_ms)
     out = {f"{k}_ms": float(np.median(v)) for k, v in times.items()}
