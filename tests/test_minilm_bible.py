@@ -137,3 +137,10 @@ def test_train_recipe_is_stated_and_valid() -> None:
     assert 0 < r["qat_lr"] < 1e-3
     task = Task.example("minilm_bible")
     assert task.train_recipe is r and task.train_fn is mb.train_data
+    from argparse import Namespace
+
+    from mixq.cli_qat import _config
+
+    # `mixq qat --example minilm_bible` without --lr trains at the stated qat_lr; --lr still wins.
+    assert _config(Namespace(epochs=None, lr=None, seed=0), task) == QATConfig(epochs=1, lr=r["qat_lr"])
+    assert _config(Namespace(epochs=None, lr=1e-5, seed=0), task).lr == 1e-5
