@@ -1,12 +1,13 @@
 """QAT recovery: FP32 vs PTQ vs QAT on an example's test split, and the plan's latency re-measured.
 
     python bench/bench_qat.py [--example mnist_resnet] [--plans int8:max,int8:entropy] [--recipes default,3:3e-4]
-                              [--out reports/qat_mnist_resnet]
+                              [--out reports/qat_mnist_resnet] [--train-batches N] [--eval-split eval|search]
+                              [--no-deploy | --no-verify] [--save-dir DIR]
 
 For each plan (ort-cpu, all units in the format, calibrated with the method) and each recipe
 ("default" = the field recipe on the example's TRAIN_RECIPE: 10% of its epochs, 1% of its learning
 rate; "E:LR" = E epochs at peak LR), the model is quantized and calibrated once for PTQ and once
-more for QAT (distillation from FP32 plus cross-entropy, cosine decay), then evaluated on the test
+more for QAT (distillation from FP32, plus cross-entropy where batches carry labels; cosine decay), then evaluated on the test
 split. Intervals are paired bootstrap 95% intervals over the test samples (1000 resamples, seed 0);
 the recovered fraction is (QAT - PTQ) / (FP32 - PTQ), with its interval from the same resamples.
 Latency: the PTQ and the QAT model of a plan are exported to ONNX (Q/DQ), their node lists compared,
@@ -16,6 +17,7 @@ The QAT model is also checked with ``mixq.verify`` (engine vs simulation).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -59,10 +61,13 @@ def _latency(models: dict, plan: QuantPlan, example, runs: int, rounds: int) -> 
         onnx_model = apply_plan(export_float_graph(q, example), q, plan)
         graphs[name] = [(n.op_type, tuple(n.input), tuple(n.output)) for n in onnx_model.graph.node]
         sessions[name] = build(onnx_model, 1).session
-    feeds = {sessions["ptq"].get_inputs()[0].name: example.numpy()}
+    tensors = example if isinstance(example, (tuple, list)) else (example,)  # MiniLM: (input_ids, attention_mask)
+    feeds = {i.name: t.numpy() for i, t in zip(sessions["ptq"].get_inputs(), tensors)}
     times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, sess in sessions.items():
+    for r in range(rounds):
+        # Each model goes first in every other round: on a loaded machine the second slot ran slower.
+        for name in (list(sessions) if r % 2 == 0 else list(sessions)[::-1]):
+            sess = sessions[name]
             st = time_runs(lambda: sess.run(None, feeds), runs, 10, "thread")
             times[name].append(st.median_ms)
     out = {f"{k}_ms": float(np.median(v)) for k, v in times.items()}
@@ -76,8 +81,9 @@ def _recipes(text: str, task: Task) -> list[tuple[str, QATConfig]]:
     for r in text.split(","):
         if r == "default":
             rec = task.train_recipe
-            out.append((f"default ({rec['epochs']} ep x 10%, lr {rec['lr']:g} x 1%)",
-                        QATConfig.from_original(rec["epochs"], rec["lr"])))
+            config = QATConfig.from_recipe(rec)
+            lr = f"lr {rec['lr']:g} x 1%" if "qat_lr" not in rec else f"lr {config.lr:g} (measured; not {rec['lr']:g} x 1%)"
+            out.append((f"default ({rec['epochs']} ep x 10%, {lr})", config))
         else:
             e, lr = r.split(":")
             out.append((f"{e} ep, lr {float(lr):g}", QATConfig(epochs=int(e), lr=float(lr))))
@@ -92,6 +98,11 @@ def main() -> int:
     ap.add_argument("--train-batches", type=int, default=None, help="use only the first N training batches")
     ap.add_argument("--eval-split", default="eval", choices=("eval", "search"),
                     help="evaluate on the example's evaluation (test) split or on its (smaller) search split")
+    ap.add_argument("--no-deploy", action="store_true",
+                    help="skip verify and latency (quick runs, e.g. choosing a recipe on the search split)")
+    ap.add_argument("--no-verify", action="store_true", help="skip verify (run `mixq verify --qat` on --save-dir instead)")
+    ap.add_argument("--save-dir", default=None,
+                    help="save each trained model to DIR/qat-<format>-<method>-<n> (for `mixq export/verify --qat`)")
     ap.add_argument("--runs", type=int, default=200, help="timed runs per latency round")
     ap.add_argument("--rounds", type=int, default=5, help="alternating latency rounds per model")
     ap.add_argument("--out", default=None, help="output stem (default reports/qat_<example>)")
@@ -112,17 +123,27 @@ def main() -> int:
         plan = QuantPlan.uniform(fmt, "ort-cpu", method)
         ptq_model = quantize(model, plan, calib_data=calib)
         ptq = evaluate(ptq_model, evald, task.metric_fn)
-        for label, config in _recipes(args.recipes, task):
+        for n, (label, config) in enumerate(_recipes(args.recipes, task)):
             t0 = time.perf_counter()
             q = quantize(model, plan, calib_data=calib)
             res = qat(q, model, train, config, progress=False, log=None)
             train_s = time.perf_counter() - t0
             ev = evaluate(q, evald, task.metric_fn)
-            from mixq.export import export_float_graph
-            from mixq.verify import verify
+            saved = None
+            if args.save_dir:
+                from mixq.qat import save_trained
 
-            ver = verify(q, plan, evald, task.metric_fn, graph=export_float_graph(q, calib[0]), threads=1)
-            lat = _latency({"ptq": ptq_model, "qat": q}, plan, calib[0], args.runs, args.rounds)
+                saved = str(save_trained(q, Path(args.save_dir) / f"qat-{fmt}-{method}-{n}",
+                                         extra={"config": dataclasses.asdict(config), "history": res.history}))
+            deploy = {"verify_passed": None, "verify": None, "ptq_ms": None, "qat_ms": None, "same_graph": None}
+            if not args.no_deploy:
+                if not args.no_verify:
+                    from mixq.export import export_float_graph
+                    from mixq.verify import verify
+
+                    ver = verify(q, plan, evald, task.metric_fn, graph=export_float_graph(q, calib[0]), threads=1)
+                    deploy.update(verify_passed=bool(ver.passed), verify=ver.summary())
+                deploy.update(_latency({"ptq": ptq_model, "qat": q}, plan, calib[0], args.runs, args.rounds))
             d_ptq = fp32.metric - ptq.metric
             rec = (ev.metric - ptq.metric) / d_ptq if d_ptq > 0 else None
             row = {"plan": f"ort-cpu all-{fmt}, {method}", "recipe": label, "epochs": config.epochs, "lr": config.lr,
@@ -132,8 +153,7 @@ def main() -> int:
                    "gain_ci": paired_bootstrap_ci(ev.scores - ptq.scores),
                    "recovered": rec, "recovered_ci": _recovered_ci(fp32.scores, ptq.scores, ev.scores) if rec is not None
                    else (None, None),
-                   "verify_passed": bool(ver.passed), "verify": ver.summary(), "train_seconds": train_s,
-                   "history": res.history, **{k: v for k, v in lat.items()}}
+                   "train_seconds": train_s, "history": res.history, "saved": saved, **deploy}
             rows.append(row)
             print(_line(row), flush=True)
     table = _table(rows)
@@ -142,7 +162,9 @@ def main() -> int:
             "eval_samples": fp32.samples,
             "train_batches": len(train), "rows": rows}
     write_atomic(out.with_suffix(".json"), json.dumps(meta, indent=1))
-    write_atomic(out.with_suffix(".md"), f"Command: `{meta['command']}`\n\n{table}\n")
+    split = "evaluation (test)" if args.eval_split == "eval" else "search"
+    write_atomic(out.with_suffix(".md"), f"Command: `{meta['command']}`\n\n{task.name}: the {split} split, {fp32.samples} "
+                 f"samples; {len(train)} training batches; paired-bootstrap 95% intervals.\n\n{table}\n")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     return 0
 
@@ -155,13 +177,21 @@ def _line(r: dict) -> str:
     rec = "n/a" if r["recovered"] is None else f"{100 * r['recovered']:.0f}%"
     return (f"{r['plan']} | {r['recipe']}: FP32 {r['fp32']:.2f}, PTQ {r['ptq']:.2f} (drop {r['ptq_drop']:+.2f} "
             f"{_ci(r['ptq_drop_ci'])}), QAT {r['qat']:.2f} (drop {r['qat_drop']:+.2f} {_ci(r['qat_drop_ci'])}), "
-            f"recovered {rec}; latency PTQ {r['ptq_ms']:.3f} ms, QAT {r['qat_ms']:.3f} ms, same graph "
-            f"{r['same_graph']}; verify {'PASS' if r['verify_passed'] else 'FAIL'}")
+            f"recovered {rec}; latency PTQ {_ms(r['ptq_ms'])} ms, QAT {_ms(r['qat_ms'])} ms, same graph "
+            f"{r['same_graph']}; verify {_verdict(r['verify_passed'])}; {r['train_seconds']:.0f} s to train")
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _verdict(passed) -> str:
+    return "not run" if passed is None else "PASS" if passed else "FAIL"
 
 
 def _table(rows: list) -> str:
     head = ("| plan | recipe | FP32 | PTQ | PTQ drop [95%] | QAT | QAT drop [95%] | recovered [95%] | "
-            "PTQ ms | QAT ms | same graph | verify |\n|---|---|---:|---:|---|---:|---|---|---:|---:|---|---|")
+            "PTQ ms | QAT ms | same graph | verify | train s |\n|---|---|---:|---:|---|---:|---|---|---:|---:|---|---|---:|")
     lines = [head]
     for r in rows:
         rec = "n/a (PTQ lost nothing)" if r["recovered"] is None else \
@@ -169,8 +199,9 @@ def _table(rows: list) -> str:
                                               f"[{100 * r['recovered_ci'][0]:.0f}%, {100 * r['recovered_ci'][1]:.0f}%]")
         lines.append(f"| {r['plan']} | {r['recipe']} | {r['fp32']:.2f} | {r['ptq']:.2f} | {r['ptq_drop']:+.2f} "
                      f"{_ci(r['ptq_drop_ci'])} | {r['qat']:.2f} | {r['qat_drop']:+.2f} {_ci(r['qat_drop_ci'])} | {rec} | "
-                     f"{r['ptq_ms']:.3f} | {r['qat_ms']:.3f} | {'yes' if r['same_graph'] else 'NO'} | "
-                     f"{'PASS' if r['verify_passed'] else 'FAIL'} |")
+                     f"{_ms(r['ptq_ms'])} | {_ms(r['qat_ms'])} | "
+                     f"{'-' if r['same_graph'] is None else 'yes' if r['same_graph'] else 'NO'} | "
+                     f"{_verdict(r['verify_passed'])} | {r['train_seconds']:.0f} |")
     return "\n".join(lines)
 
 

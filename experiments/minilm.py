@@ -360,6 +360,34 @@ def calib_data(num_batches: int = 8, batch_size: int = CALIB_BATCH) -> list[tupl
     return [tokenize(list(texts[i * batch_size : (i + 1) * batch_size])) for i in range(num_batches)]
 
 
+# The float model's schedule, for QAT's recipe (10% of the epochs, 1% of the learning rate; mixq.qat.QATConfig.from_original).
+# Source: the all-MiniLM-L6-v2 model card (sentence-transformers, "Training procedure"): 100k steps at batch size 1,024,
+# AdamW at lr 2e-5, 500 warmup steps, contrastive loss on ~1B sentence pairs; 100k x 1,024 = 102M pairs, about a
+# tenth of one pass, so "epochs": 1 stands for the whole original run. 10% of it (10k steps x 1,024 texts) cannot be
+# rerun here (a step of 32 texts takes seconds on one core); QAT makes one pass over train_data() instead.
+# 1% of lr 2e-5 = 2e-7 does nothing measurable: on minilm_bible's search split (all-INT8 ort-cpu, 64 steps of 32 verses)
+# PTQ 89.44 -> QAT 89.90, gain +0.46 [-0.37, +1.34]; lr 1e-5: 90.10, 5e-5: 91.57, 2e-4: 92.01 (FP32 93.82;
+# reports/qat_minilm_bible_search*.md). QAT uses the best of those four, 2e-4 (10x the original lr), as "qat_lr".
+TRAIN_RECIPE = {"epochs": 1, "lr": 2e-5, "batch_size": 1024, "steps": 100_000, "warmup_steps": 500,
+                "optimizer": "AdamW, 500 warmup steps, then linear decay", "qat_lr": 2e-4}
+
+
+def train_data(batch_size: int = CALIB_BATCH) -> list[tuple[tuple[torch.Tensor, torch.Tensor], None]]:
+    """Return unlabeled training batches for QAT (distillation): the calibration pool's 434 texts.
+
+    They are the queries and documents of the pairs outside the evaluation set (as calibration).
+
+    Args:
+        batch_size: Texts per batch.
+
+    Returns:
+        A list of ``((input_ids, attention_mask), None)``: the inputs as the model takes them and no
+        target (a bare ``(input_ids, attention_mask)`` pair would read as inputs and targets).
+    """
+    texts = _calib_texts()
+    return [(tokenize(list(texts[i : i + batch_size])), None) for i in range(0, len(texts), batch_size)]
+
+
 def eval_data() -> list[tuple[tuple[torch.Tensor, torch.Tensor], tuple[str, torch.Tensor]]]:
     """Return the evaluation batches: 4 batches of queries, then 4 of documents.
 

@@ -14,7 +14,11 @@ since a duplicate makes retrieval ambiguous: 7,891 pairs remain. They are shuffl
 ``np.random.default_rng(0)``: the first 2,048 are the search split (``search_data``), the
 next 4,096 the final test split (``test_data``, also ``eval_data``); each split retrieves
 among its own documents. Calibration uses the 22,896 Old Testament King James verses
-(``default_rng(1)`` order) that occur in no evaluation pair.
+(``default_rng(1)`` order) that occur in no evaluation pair. Training data (``train_data``, for
+QAT by distillation: texts only, no labels) are those Old Testament verses plus the Weymouth and
+King James texts of the 1,798 New Testament verses outside both splits (neither of their texts in
+an evaluation pair; Weymouth-style wording occurs nowhere else), 26,466 texts in ``default_rng(2)``
+order, of which ``train_data`` hands out the first 2,048 by default (``NUM_TRAIN``).
 
 Cost: tokenizing is cached per process (it does not depend on the plan; 0.2 s per split);
 encoding is what a plan changes: the 4,096 texts of the search split take about 40 s on
@@ -45,6 +49,9 @@ CALIB_BATCH = 32
 NT_BOOKS = range(40, 67)  # pythonbible book numbers: Matthew (40) .. Revelation (66)
 
 _MARKS = re.compile(r"[\[\]»«`]")
+
+TRAIN_BATCH = 32
+NUM_TRAIN = 2048  # texts per QAT pass by default: 64 steps, minutes on one core (the pool holds 26,466)
 
 Batch = tuple[tuple[torch.Tensor, torch.Tensor], tuple[str, torch.Tensor]]
 
@@ -110,6 +117,18 @@ def _calib_texts() -> tuple[str, ...]:
     return tuple(texts[i] for i in order)
 
 
+@functools.lru_cache(maxsize=1)
+def _train_texts() -> tuple[str, ...]:
+    """Return the distillation texts: OT King James verses and NT verses of no evaluation pair, shuffled."""
+    wmth, kjv_nt, kjv_ot = _verses()
+    evaluated = {t for split in ("search", "test") for pair in _split_pairs(split) for t in pair}
+    # A New Testament verse counts only when neither of its texts is evaluated: its pair is in no split.
+    nt = [t for v in sorted(wmth) if wmth[v] not in evaluated and kjv_nt[v] not in evaluated for t in (wmth[v], kjv_nt[v])]
+    texts = sorted({t for t in list(kjv_ot.values()) + nt if t and t not in evaluated})
+    order = np.random.default_rng(2).permutation(len(texts))
+    return tuple(texts[i] for i in order)
+
+
 @functools.lru_cache(maxsize=2)
 def _batches(split: str) -> tuple[Batch, ...]:
     """Return a split's tokenized batches once (tokenizing does not depend on the plan)."""
@@ -145,6 +164,33 @@ def calib_data(num_batches: int = 8, batch_size: int = CALIB_BATCH) -> list[tupl
             f"calibration texts, but got {num_batches} * {batch_size}"
         )
     return [minilm.tokenize(list(texts[i * batch_size : (i + 1) * batch_size])) for i in range(num_batches)]
+
+
+# all-MiniLM-L6-v2's own training schedule (its model card), for QAT's recipe: see minilm.TRAIN_RECIPE.
+TRAIN_RECIPE = minilm.TRAIN_RECIPE
+
+
+def train_data(num_texts: int | None = NUM_TRAIN, batch_size: int = TRAIN_BATCH) -> list[tuple[tuple[torch.Tensor, torch.Tensor], None]]:
+    """Return unlabeled training batches for QAT (distillation from the FP32 model).
+
+    Args:
+        num_texts: Use the first ``num_texts`` texts of the pool (None: all 26,466).
+        batch_size: Texts per batch.
+
+    Returns:
+        A list of ``((input_ids, attention_mask), None)``: the inputs as the model takes them,
+        and no target (a bare ``(input_ids, attention_mask)`` pair would read as inputs and targets).
+
+    Raises:
+        ValueError: If fewer than one text or more than the pool holds is requested.
+    """
+    texts = _train_texts()
+    num_texts = len(texts) if num_texts is None else num_texts
+    if num_texts < 1 or batch_size < 1 or num_texts > len(texts):
+        raise ValueError(f"num_texts and batch_size must be >= 1 with num_texts <= {len(texts)} training texts, "
+                         f"but got num_texts={num_texts}, batch_size={batch_size}")
+    return [(minilm.tokenize(list(texts[i : min(i + batch_size, num_texts)])), None)
+            for i in range(0, num_texts, batch_size)]
 
 
 def search_data() -> list[Batch]:

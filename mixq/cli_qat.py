@@ -6,7 +6,8 @@
            RUN/qat-<plan>.json      FP32, PTQ and QAT metric on the evaluation data, the history, the config
 
 Without --epochs / --lr the recipe of the field applies to the task's own training schedule
-(``TRAIN_RECIPE`` of an example): 10% of its epochs, 1% of its learning rate, cosine decay.
+(``TRAIN_RECIPE`` of an example): 10% of its epochs, 1% of its learning rate, cosine decay; a recipe
+may state the learning rate measured to work instead (``qat_lr``, MiniLM), see ``QATConfig.from_recipe``.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def _config(args: argparse.Namespace, task):
     if (args.epochs is None or args.lr is None) and not {"epochs", "lr"} <= set(recipe):
         raise MixqError(f"the task {task.name!r} states no training recipe (TRAIN_RECIPE with epochs and lr): give "
                         "--epochs and --lr.")
-    base = QATConfig.from_original(recipe["epochs"], recipe["lr"]) if {"epochs", "lr"} <= set(recipe) else None
+    base = QATConfig.from_recipe(recipe) if {"epochs", "lr"} <= set(recipe) else None
     return QATConfig(epochs=args.epochs or base.epochs, lr=args.lr or base.lr, seed=args.seed)
 
 
@@ -84,7 +85,7 @@ def cmd_qat(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable) -
     train_fn = load_spec(args.train) if args.train else task.train_fn
     if train_fn is None:
         raise MixqError(f"the task {task.name!r} has no training data: give --train SPEC (a function returning "
-                        "(inputs, targets) or input batches); examples with training data: mnist_resnet.")
+                        "(inputs, targets) or input batches); examples with training data: mnist_resnet, effnet_fashion, minilm, minilm_bible.")
     config = _config(args, task)
     plan, label = _plan(args)
     d = run_dir_of(args, task)

@@ -90,6 +90,21 @@ class QATConfig:
         """The field recipe: 10% of the original epochs (at least 1) at 1% of the original learning rate."""
         return cls(**{"epochs": max(1, round(EPOCH_FRACTION * epochs)), "lr": LR_FRACTION * lr, **changes})
 
+    @classmethod
+    def from_recipe(cls, recipe: dict, **changes: Any) -> "QATConfig":
+        """The field recipe on a task's ``TRAIN_RECIPE`` (``epochs``, ``lr``), unless it states a measured ``qat_lr``.
+
+        A recipe whose 1% learning rate was measured to do nothing (MiniLM: its 2e-7) states the one used
+        instead as ``qat_lr``, with the measurement in a comment beside it.
+
+        Raises:
+            ConfigError: the recipe lacks ``epochs`` or ``lr``.
+        """
+        if not {"epochs", "lr"} <= set(recipe):
+            raise ConfigError(f"a training recipe needs 'epochs' and 'lr', but got the keys {sorted(recipe)}.")
+        base = cls.from_original(recipe["epochs"], recipe["lr"])
+        return cls(**{"epochs": base.epochs, "lr": recipe.get("qat_lr", base.lr), **changes})
+
 
 @dataclass
 class QATResult:

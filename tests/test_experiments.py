@@ -288,3 +288,14 @@ def test_state_sha256_is_canonical_and_sensitive() -> None:
 def test_train_in_child_reports_a_failing_child(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="No module named"):
         train_in_child("experiments.no_such_example", tmp_path / "w.pt")
+
+
+def test_minilm_train_data_is_disjoint_from_the_evaluation_set() -> None:
+    evaluated = [t for pair in minilm._pairs()[: minilm.NUM_EVAL_PAIRS] for t in pair]
+    batches = minilm.train_data()
+    for (ids, mask), target in batches:
+        assert target is None and ids.shape[1] == mask.shape[1] == minilm.SEQ_LEN
+    train_rows = {tuple(row.tolist()) for (ids, _), _ in batches for row in ids}
+    eval_rows = {tuple(row.tolist()) for row in minilm.tokenize(evaluated)[0]}
+    assert len(train_rows) > 400 and not train_rows & eval_rows  # what train_data returns, as the model sees it
+    assert minilm.TRAIN_RECIPE["lr"] > 0 and minilm.TRAIN_RECIPE["epochs"] >= 1

@@ -103,3 +103,44 @@ def test_mixq_evaluate_counts_one_score_per_query() -> None:
     for metric in (mb.metric, mb.metric_r1):
         ev = evaluate(mb.model(), batches, metric)
         assert ev.samples == 128 and len(ev.scores) == 128
+
+
+def test_train_data_is_disjoint_from_the_evaluation_splits() -> None:
+    evaluated = set(_texts(mb._split_pairs("search")) + _texts(mb._split_pairs("test")))
+    train = mb._train_texts()
+    assert len(train) > 25_000 and len(set(train)) == len(train)
+    assert not set(train) & evaluated
+    wmth, kjv_nt, _ = mb._verses()
+    weymouth = set(wmth.values())
+    assert 1_000 < len(set(train) & weymouth) < 2_000  # the NT verses outside both splits, in Weymouth wording
+    assert len(mb.train_data()) == mb.NUM_TRAIN // 32 and len(mb.train_data(num_texts=None)) == -(-len(train) // 32)
+    batches = mb.train_data(num_texts=70)
+    assert [len(inputs[0]) for inputs, _ in batches] == [32, 32, 6]
+    for (ids, mask), target in batches:
+        assert target is None and ids.dtype == mask.dtype == torch.long and ids.shape[1] == minilm.SEQ_LEN
+    first = minilm.tokenize(list(train[:32]))
+    assert batches[0][0][0].equal(first[0]) and batches[0][0][1].equal(first[1])
+    with pytest.raises(ValueError, match="training texts"):
+        mb.train_data(num_texts=len(train) + 1)
+
+
+def test_train_recipe_is_stated_and_valid() -> None:
+    from mixq.qat import QATConfig
+    from mixq.task import Task
+
+    r = mb.TRAIN_RECIPE
+    assert isinstance(r["epochs"], int) and r["epochs"] >= 1
+    assert 0 < r["lr"] < 1e-3 and r["batch_size"] >= 1 and r["steps"] >= 1
+    config = QATConfig.from_original(r["epochs"], r["lr"])
+    assert config.epochs == 1 and config.lr == pytest.approx(r["lr"] / 100)
+    assert QATConfig.from_recipe(r) == QATConfig(epochs=1, lr=r["qat_lr"])  # the measured lr, stated beside it
+    assert 0 < r["qat_lr"] < 1e-3
+    task = Task.example("minilm_bible")
+    assert task.train_recipe is r and task.train_fn is mb.train_data
+    from argparse import Namespace
+
+    from mixq.cli_qat import _config
+
+    # `mixq qat --example minilm_bible` without --lr trains at the stated qat_lr; --lr still wins.
+    assert _config(Namespace(epochs=None, lr=None, seed=0), task) == QATConfig(epochs=1, lr=r["qat_lr"])
+    assert _config(Namespace(epochs=None, lr=1e-5, seed=0), task).lr == 1e-5

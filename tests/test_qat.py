@@ -121,6 +121,10 @@ def test_bad_config_is_refused_naming_the_value():
     with pytest.raises(ConfigError, match="lr must be .* got -1"):
         QATConfig(lr=-1)
     assert QATConfig.from_original(90, 0.1) == QATConfig(epochs=9, lr=0.001)
+    assert QATConfig.from_recipe({"epochs": 90, "lr": 0.1}) == QATConfig(epochs=9, lr=0.001)
+    assert QATConfig.from_recipe({"epochs": 1, "lr": 2e-5, "qat_lr": 1e-4}, seed=3) == QATConfig(lr=1e-4, seed=3)
+    with pytest.raises(ConfigError, match="needs 'epochs' and 'lr'.*'lr'"):
+        QATConfig.from_recipe({"lr": 0.1})
     model, q, _ = _setup()
     with pytest.raises(ConfigError, match="no batch"):
         qat(q, model, [], progress=False, log=None)
