@@ -243,3 +243,23 @@ def test_learned_ranges_stay_inside_the_calibration_data(asymmetric):
     q.clamp_learned()
     assert float(q.scale) < float(calibrated.get("_learned_scale", calibrated.get("_learned_amax", 0)) / 1.9) or \
         not asymmetric  # shrinking stays allowed
+
+
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_a_step_through_zero_leaves_the_range_at_a_sixteenth_of_the_calibrated_one(asymmetric):
+    """A too-large step once left a scale at 1e-6, which ONNX Runtime's QLinearGlobalAveragePool refused."""
+    desc = QuantDescriptor(num_bits=8, unsigned=asymmetric, narrow_range=not asymmetric, asymmetric=asymmetric,
+                           learn_amax=True)
+    x = torch.clamp(_data((8, 64)) * 3, 0.0, 6.0)
+    q = TensorQuantizer(desc)
+    q.enable_calib(), q.disable_quant()
+    q(x)
+    q.disable_calib(), q.enable_quant()
+    q.load_calib_amax()
+    before = float(q.scale)
+    with torch.no_grad():
+        for n, p in q.named_parameters():
+            if "zero_point" not in n:
+                p.sub_(10.0 * p.abs())  # through zero
+    q.clamp_learned()
+    assert before / 16.5 < float(q.scale) <= before / 15.5

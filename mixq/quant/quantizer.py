@@ -20,6 +20,10 @@ from mixq.quant.descriptor import QuantDescriptor, check_calib_method
 
 _LEARNED = ("_learned_amax", "_learned_scale", "_learned_zero_point")
 _MIN_RANGE = 1e-6  # the smallest learned amax / scale kept (below it a range would quantize everything to 0)
+# A learned range stays at least 1/16 of the calibrated one: one large step can push an LSQ scale through zero (it
+# was clamped to _MIN_RANGE, after which ONNX Runtime refused the model: QLinearGlobalAveragePool accepts an
+# input/output scale ratio below 256 only), and a clip at 1/16 of the data's range is far past what LSQ gains from.
+_MAX_SHRINK = 16.0
 
 
 class TensorQuantizer(nn.Module):
@@ -203,12 +207,15 @@ class TensorQuantizer(nn.Module):
         if self._learned_amax is not None:
             self._learned_amax.clamp_(min=_MIN_RANGE)
             if bounds is not None:
-                self._learned_amax.clamp_(max=float(torch.maximum(bounds[0].abs(), bounds[1].abs()).max()))
+                top = float(torch.maximum(bounds[0].abs(), bounds[1].abs()).max())
+                self._learned_amax.clamp_(min=top / _MAX_SHRINK, max=top)
         if self._learned_scale is not None:
             qmax = 2.0**self.desc.num_bits - 1.0
             self._learned_scale.clamp_(min=_MIN_RANGE)
             self._learned_zero_point.clamp_(0.0, qmax)
             if bounds is not None:
+                span = float(max(bounds[1].max(), 0.0) - min(bounds[0].min(), 0.0))
+                self._learned_scale.clamp_(min=span / qmax / _MAX_SHRINK)
                 # The grid stays inside the data's range (widened to hold 0): [-z*s, (qmax-z)*s] within [lo, hi].
                 # Beyond it codes are wasted, and an engine fuses an activation's clip (ReLU, ReLU6) into the
                 # quantization only when the grid lies within the clip; with z = 0 the largest scale is the
