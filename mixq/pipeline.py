@@ -187,13 +187,12 @@ class Pipeline:
                 raise PipelineError(f"--from {first}: the stage {earlier!r} has not finished in {self.d} (no record "
                                     f"in {self.record_path}); run without --from, or --from {earlier}.")
         self.task_fp = task_fingerprint(self.task, self.task_args)
-        failed = []
         for i, stage in enumerate(order[start:stop + 1], start + 1):
             t0 = time.perf_counter()
             status = self._run_stage(stage, i, force=self.fresh or stage == first and first != "inventory")
             self.outcome[stage] = {"status": status, "seconds": time.perf_counter() - t0}
-            if status == "check failed":
-                failed.append(stage)
+        # a check that failed in an earlier command and is still current fails this one too
+        failed = [s for s in order[:stop + 1] if self.records.get(s, {}).get("passed") is False]
         ran = [s for s, o in self.outcome.items() if o["status"] in ("ran", "check failed")]
         print(f"mixq run: {'stopped after ' + last if last != 'report' else 'done'}; this command ran "
               f"{', '.join(ran) or 'no stage (all current)'} in {sum(o['seconds'] for o in self.outcome.values()):.0f} s"

@@ -50,7 +50,7 @@ def _rows(search: dict, qat: Optional[dict], latency: Optional[dict]) -> list[di
                     "ms": (fp32_ms if r["plan"] == "fp32" else t["median_ms"]) if latency and (t or r["plan"] == "fp32")
                     else r["latency_ms"],
                     "ratio": 1.0 if r["plan"] == "fp32" else (t["ratio"] if t else r["ratio"]),
-                    "meets": r.get("within_budget")})
+                    "meets": _meets(search.get("budget_value"), t) if t else r.get("within_budget")})
     if qat is not None:
         t = timed.get("deployed")
         searched = next((r for r in search["rows"] if r["plan"] == "searched"), None)
