@@ -11,10 +11,9 @@ from typing import Callable
 
 from mixq.errors import MixqError
 
-# command-line flag -> configuration key
-_OVERRIDES = {"example": "example", "model": "model", "calib": "calib", "eval": "eval", "metric": "metric",
-              "train": "train", "run_dir": "run_dir", "backend": "backend", "budget": "budget",
-              "trials": "search.trials", "batch_axis": "batch_axis"}
+# command-line flag -> configuration (section, key); "" is the top level
+_OVERRIDES = {**{f: ("", f) for f in ("example", "model", "calib", "eval", "metric", "train", "run_dir", "backend",
+                                     "budget", "batch_axis")}, "trials": ("search", "trials")}
 
 
 def register(sub, add_task_args: Callable, task_of: Callable, run_dir_of: Callable) -> None:
@@ -42,8 +41,7 @@ def config_of(args: argparse.Namespace):
     from mixq.run_config import RunConfig
 
     cfg = RunConfig.load(args.config) if args.config else RunConfig.build()
-    changes = {key: getattr(args, flag) for flag, key in _OVERRIDES.items()}
-    cfg, said = cfg.override({(k if "." in k else "." + k): v for k, v in changes.items()})
+    cfg, said = cfg.override({where: getattr(args, flag) for flag, where in _OVERRIDES.items()})
     for s in said:
         print(f"mixq: {s}", flush=True)
     return cfg

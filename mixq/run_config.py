@@ -117,14 +117,15 @@ class RunConfig:
             raise ConfigError(f"--config {str(p)!r} is not valid TOML: {e}") from None
         return cls.build(data, where=str(p), source=str(p))
 
-    def override(self, changes: Mapping[str, Any]) -> tuple["RunConfig", list[str]]:
-        """Command-line values (``"search.trials"`` -> 40) over this configuration; returns what each one replaced."""
+    def override(self, changes: Mapping[tuple[str, str], Any]) -> tuple["RunConfig", list[str]]:
+        """Command-line values (``("search", "trials")`` -> 40; None: not given) over this configuration; returns
+        what each one replaced."""
         values = self.to_dict()
         said = []
-        for qkey, v in changes.items():
+        for (section, key), v in changes.items():
             if v is None:
                 continue
-            section, _, key = qkey.rpartition(".")
+            qkey = f"{section}.{key}" if section else key
             old = values[section][key]
             if self.source is not None and old != v and old != SCHEMA[section][key][1]:
                 said.append(f"--{key.replace('_', '-')} {v} overrides {qkey} = {old!r} of {self.source}")
