@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from mixq.artifacts import write_atomic
+from mixq.search.budget import Budget
 
 FIGURES = {"sensitivity": ("scan", "report/drops.png"), "pareto": ("search", "search-pareto.png"),
            "precision": ("search", "search-precision.png"), "history": ("search", "search-history.png")}
@@ -34,8 +35,7 @@ def _meets(budget: Optional[list], t: Optional[dict]) -> Optional[bool]:
     """Whether a re-timed plan meets ``budget`` ([value, "x" | "ms"], as search.json keeps it)."""
     if budget is None or t is None:
         return None
-    value, unit = budget
-    return t["ratio"] <= value if unit == "x" else t["median_ms"] <= value
+    return Budget(*budget).margin(t["median_ms"], t["ratio"], 0.0)[0]
 
 
 def _rows(search: dict, qat: Optional[dict], latency: Optional[dict]) -> list[dict]:

@@ -14,15 +14,6 @@ from typing import Any, Callable
 SUBDIR = "search-final"
 
 
-def _within(budget: Any, ms: float, ratio: float, fp32_ms: float) -> tuple[bool, float, float]:
-    """(meets the budget, margin in ms, margin as a fraction of the budget); positive margins are inside."""
-    if budget.unit == "x":
-        margin = budget.value - ratio
-        return margin >= 0, margin * fp32_ms, margin / budget.value
-    margin = budget.value - ms
-    return margin >= 0, margin, margin / budget.value
-
-
 def retime_plans(reported: dict, lat: Any, calib: Any, folder: Path, opts: Any) -> tuple[dict, dict, dict]:
     """Export each distinct plan of ``reported`` (name -> assignment) to ``folder`` and re-time them all in one
     fresh process, each interleaved with FP32.
@@ -65,7 +56,7 @@ def retime_plans(reported: dict, lat: Any, calib: Any, folder: Path, opts: Any) 
 
 def meets_budget(budget: Any, t: dict, fp32_ms: float) -> tuple[bool, float, float]:
     """(meets, margin ms, margin fraction) of one re-timed plan ``t`` (a ``retime_plans`` entry)."""
-    return _within(budget, t["median_ms"], t["ratio"], fp32_ms)
+    return budget.margin(t["median_ms"], t["ratio"], fp32_ms)
 
 
 def final_figures(q: Any, model: Any, metric_fn: Callable, test_data: Any, reported: dict, lat: Any,
@@ -101,7 +92,7 @@ def final_figures(q: Any, model: Any, metric_fn: Callable, test_data: Any, repor
                "rounds_ms": t["rounds_ms"], "ratios": t["ratios"], "onnx": onnx[name], "assignment": a,
                "within_budget": None, "margin_ms": None, "margin_frac": None}
         if opts.budget is not None:
-            ok, m_ms, m_frac = _within(opts.budget, t["median_ms"], t["ratio"], retimed["fp32_ms"])
+            ok, m_ms, m_frac = opts.budget.margin(t["median_ms"], t["ratio"], retimed["fp32_ms"])
             row.update(within_budget=ok, margin_ms=m_ms, margin_frac=m_frac)
         rows.append(row)
     return rows, {"fp32_ms": retimed["fp32_ms"], "seconds": retimed["seconds"], "rounds": opts.rounds,

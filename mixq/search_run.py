@@ -492,7 +492,7 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
             bits = baselines.effective_bits(best.assignment, params)
             wb2 = baselines.weight_bits(space, fisher, params, bits)
             if wb2 is not None:
-                reported[f"weight-bits (Fisher) {bits:.1f} bits = searched's"] = wb2
+                reported[f"weight-bits (Fisher) at the searched plan's {bits:.1f} bits"] = wb2
     from mixq.search_final import final_figures
 
     rows, retimed = final_figures(q, model, task.metric_fn, test_data, reported, lat, plan_of, metric_of, plan_cache,

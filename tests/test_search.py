@@ -77,6 +77,16 @@ def test_budget_parses(text, value, unit):
     assert b.limit_ms(10.0) == pytest.approx(value if unit == "ms" else 10.0 * value)
 
 
+def test_budget_margin_judges_ratio_budgets_on_the_ratio_and_ms_budgets_on_milliseconds():
+    # A plan at 5.5 ms next to an FP32 run at 10 ms (ratio 0.55), where the session's FP32 was 9 ms.
+    ok, ms, frac = Budget.parse("0.6x").margin(5.5, 0.55, 9.0)
+    assert ok and ms == pytest.approx(0.05 * 9.0) and frac == pytest.approx(0.05 / 0.6)
+    assert not Budget.parse("0.5x").margin(4.0, 0.55, 9.0)[0]  # 4 ms is fast, but the ratio decides
+    ok, ms, frac = Budget.parse("5ms").margin(5.5, 0.4, 9.0)
+    assert not ok and ms == pytest.approx(-0.5) and frac == pytest.approx(-0.1)
+    assert Budget.parse("5ms").margin(5.0, 0.9, 9.0)[0]  # on the budget is within it
+
+
 @pytest.mark.parametrize("text", ["6.5", "fast", "-1ms", "0x", "6.5 s"])
 def test_bad_budget_names_the_valid_forms(text):
     with pytest.raises(ConfigError, match="6.5ms"):

@@ -49,5 +49,18 @@ class Budget:
         """The budget in milliseconds, given the FP32 latency measured in this session."""
         return self.value if self.unit == "ms" else self.value * fp32_ms
 
+    def margin(self, ms: float, ratio: float, fp32_ms: float) -> tuple[bool, float, float]:
+        """Judge one re-timed plan: ``x`` budgets on its median ratio to the FP32 run timed next to it, ``ms``
+        budgets on its median milliseconds.
+
+        Returns:
+            (meets the budget, margin in ms, margin as a fraction of the budget); positive margins are inside.
+        """
+        if self.unit == "x":
+            margin = self.value - ratio
+            return margin >= 0, margin * fp32_ms, margin / self.value
+        margin = self.value - ms
+        return margin >= 0, margin, margin / self.value
+
     def __str__(self) -> str:
         return f"{self.value:g}ms" if self.unit == "ms" else f"{self.value:g}x FP32"
