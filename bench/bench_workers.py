@@ -31,7 +31,8 @@ def worker(args: argparse.Namespace) -> None:
     from mixq.plan import QuantPlan
     from mixq.search import Budget, SearchSpace, open_storage, run_search
     from mixq.search.workers import LatencyLock
-    from mixq.search_run import _example_batch, pin
+    from mixq.search_join import pin
+    from mixq.search_prep import _example_batch
     from mixq.task import Task
 
     pin(args.index)

@@ -142,7 +142,7 @@ def options_of(args: argparse.Namespace):
 
 
 def cmd_search(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable) -> int:
-    from mixq import search_run
+    from mixq import search_join, search_prep, search_run
     from mixq.formats import get_backend
     from mixq.search.storage import dashboard_url, describe_storage, open_storage
 
@@ -158,17 +158,17 @@ def cmd_search(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable
                         f"{', '.join(sorted({f for fs in be.formats.values() for f in fs if f != 'fp32'}))}.")
     task = task_of(args)
     d = Path(run_dir_of(args, task))
-    default = d / search_run.JOURNAL
+    default = d / search_prep.JOURNAL
     if opts.join:
         storage = open_storage(opts.storage, default)
-        name = search_run.study_name(task.name, opts)
+        name = search_prep.study_name(task.name, opts)
         text = describe_storage(opts.storage, default)
         try:
             storage.get_study_id_from_name(name)
         except KeyError:
             raise MixqError(f"--join: there is no study {name!r} in {text}; start it first with the same command "
                             "without --join (and the same --storage), or give the --study name it has.") from None
-        search_run.join(task, d, backend, opts, storage, text)
+        search_join.join(task, d, backend, opts, storage, text)
         return 0
     lock = search_run.lock_run_dir(d)
     try:

@@ -1,4 +1,5 @@
 """The torch side of ``mixq search``: calibrate, sensitivity, single-unit latencies, baselines, studies, final figures.
+(What it starts from is in ``mixq.search_prep``; worker processes in ``mixq.search_join``.)
 
 Stages (each cached in ``RUN/search-cache/`` under one fingerprint, so a rerun after a kill skips what is done):
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mixq.errors import ConfigError, MixqError
+from mixq.search_join import collect_workers, latency_setup, pin, start_local_workers
+from mixq.search_prep import (CACHE, _say, calibrated_model, check_budget, check_cache, check_study_before_work,
+                              discard, engine_latency, fingerprint_parts, imported_sensitivity, plan_of,
+                              recorded_fp32_ms, search_latency, sensitivity, study_name, weight_counts)
 
-CACHE = "search-cache"
 SCAN_GUIDED_DROP = 0.5  # metric points: a unit that alone costs more stays float in the scan-guided baseline
-JOURNAL = "search-study.journal"
 
 
 @dataclass
@@ -62,23 +64,6 @@ class SearchOptions:
     argv: list = field(default_factory=list)
 
 
-def _say(text: str) -> None:
-    print(text, flush=True)
-
-
-def _example_batch(batch):
-    return tuple(t[:1] for t in batch) if isinstance(batch, (tuple, list)) else batch[:1]
-
-
-def study_name(task_name: str, opts: SearchOptions) -> str:
-    """The study name: ``--study`` or ``<task>-<budget>`` (``-front`` with --front)."""
-    if opts.study:
-        return opts.study
-    b = opts.budget
-    text = "front" if b is None else (f"{b.value:g}ms" if b.unit == "ms" else f"{b.value:g}x")
-    return f"{task_name}-{text}" + ("-front" if opts.front and b is not None else "")
-
-
 def lock_run_dir(d: Path) -> Any:
     """Hold ``RUN/search.lock`` for this process: one search per run folder.
 
@@ -97,222 +82,10 @@ def lock_run_dir(d: Path) -> Any:
     return fh
 
 
-def fingerprint_parts(task, model, calib, search_data, backend: str, opts: SearchOptions) -> dict:
-    """What the caches and the study depend on, each part hashed on its own (a mismatch says what changed)."""
-    import onnxruntime
-
-    from mixq.latency.stats import cpu_model
-    from mixq.sensitivity.store import digest, fingerprint
-
-    parts = fingerprint(model, calib, search_data, task.metric_fn, {})
-    parts.pop("settings", None)
-    parts.update({"task": task.name, "backend": backend, "formats": ",".join(opts.formats),
-                  "calib_method": opts.calib_method,
-                  "latency": digest(onnxruntime.__version__, cpu_model(), 1, "thread", opts.runs, str(opts.batch_axis)),
-                  "budget": str(opts.budget) if opts.budget is not None else "none",
-                  "objective": "metric+latency" if opts.front else "metric"})
-    if ratio_mode(opts):  # absolute studies keep their fingerprint; relative ones made before ratio mode are refused
-        parts["latency_mode"] = f"ratio to FP32, {opts.ratio_rounds} rounds"
-    return parts
-
-
-def _cache_parts(parts: dict) -> dict:
-    return {k: v for k, v in parts.items() if k not in ("budget", "objective", "latency_mode")}
-
-
-def ratio_mode(opts: SearchOptions) -> bool:
-    """Whether the study judges plans by their ratio to FP32 timed next to them (a relative budget)."""
-    return opts.budget is not None and opts.budget.unit == "x"
-
-
-def search_latency(lat, space, opts: SearchOptions, reference_ms: Optional[float]):
-    """What the study times a plan with: ``lat`` itself (absolute budget, or none), or, with a relative budget,
-    its ratio to FP32 timed back to back with it (``RatioLatency``) in milliseconds of ``reference_ms``.
-
-    Absolute milliseconds drift up to 2x under load on a shared machine; a ratio to an FP32 run made next to the
-    plan does not, and ``ratio * reference <= budget * reference`` is the constraint the study records.
-    """
-    if not ratio_mode(opts):
-        return lat
-    from mixq.latency.base import RatioLatency
-    from mixq.search import baselines
-
-    return RatioLatency(lat, baselines.fp32(space), opts.ratio_rounds, reference_ms)
-
-
-def recorded_fp32_ms(storage: Any, name: str) -> Optional[float]:
-    """The FP32 latency an existing study's budget is relative to (None: no such study, or none recorded)."""
-    from mixq.search.workers import FP32_ATTR
-
-    try:
-        v = storage.get_study_user_attrs(storage.get_study_id_from_name(name)).get(FP32_ATTR)
-    except KeyError:
-        return None
-    return None if v is None else float(v)
-
-
-def check_cache(folder: Path, parts: dict) -> None:
-    """Refuse a cache folder made for another model / data / backend; create it when missing.
-
-    Raises:
-        ConfigError: naming the parts that differ.
-    """
-    from mixq.artifacts import write_atomic
-    from mixq.search.storage import _PART_WORDS
-
-    folder.mkdir(parents=True, exist_ok=True)
-    p = folder / "fingerprint.json"
-    want = _cache_parts(parts)
-    if p.is_file():
-        old = json.loads(p.read_text())
-        changed = sorted(k for k in set(old) | set(want) if old.get(k) != want.get(k))
-        if changed:
-            raise ConfigError(f"{str(folder)!r} holds calibration, sensitivity and latencies of another search ("
-                              + ", ".join(_PART_WORDS.get(k, k) for k in changed) + " changed); pass --fresh to "
-                              "discard them, or use another --run-dir.")
-    else:
-        write_atomic(p, json.dumps(want, indent=1))
-
-
-def check_study_before_work(storage: Any, name: str, parts: dict, storage_text: str) -> None:
-    """Refuse an existing study made for another search, before anything expensive runs."""
-    from mixq.search.storage import FINGERPRINT_ATTR, check_fingerprint
-
-    try:
-        sid = storage.get_study_id_from_name(name)
-    except KeyError:
-        return
-
-    class _View:  # check_fingerprint reads these two attributes
-        study_name = name
-        user_attrs = storage.get_study_user_attrs(sid)
-        trials = storage.get_all_trials(sid, deepcopy=False)
-
-    if _View.user_attrs.get(FINGERPRINT_ATTR) is not None or _View.trials:
-        check_fingerprint(_View, parts, storage_text)
-
-
-def discard(storage: Any, names: list[str], cache: Path) -> None:
-    """--fresh: delete the studies and the cache folder."""
-    import optuna
-
-    for n in names:
-        try:
-            optuna.delete_study(study_name=n, storage=storage)
-        except KeyError:
-            pass
-    shutil.rmtree(cache, ignore_errors=True)
-
-
-def calibrated_model(model, calib, backend: str, opts: SearchOptions, cache: Path):
-    """The model calibrated for every format of the space: loaded from the cache, or calibrated and saved."""
-    import mixq
-    from mixq.checkpoint import load_quantized, read_meta, save_quantized
-    from mixq.plan import QuantPlan
-
-    path = cache / "calibrated"
-    if (path / "mixq.json").is_file():
-        meta = read_meta(path)
-        if meta["backend"] == backend and meta["calib_method"] == opts.calib_method and \
-                set(opts.formats) <= set(meta["formats"]):
-            _say(f"[1/5] calibrated model from {path}")
-            return load_quantized(model, path, calib_data=calib)
-    _say(f"[1/5] calibrating {', '.join(opts.formats)} ({backend}, {opts.calib_method}) ...")
-    q = mixq.quantize(model, QuantPlan(backend=backend, default="fp32", calib_method=opts.calib_method),
-                      calib_data=calib, formats=opts.formats, progress="calibrate" if opts.progress else None)
-    save_quantized(q, path)
-    return q
-
-
-def weight_counts(q) -> dict:
-    """Unit -> number of weights (0 for functional ops): the cost ModelOpt's effective bits count."""
-    from mixq.quant.graph import units
-
-    out = {}
-    for name, m in units(q).items():
-        w = getattr(m, "weight", None)
-        out[name] = int(w.numel()) if w is not None and hasattr(w, "numel") else 0
-    return {u: out.get(u, 0) for u in q.mixq.kinds}
-
-
-def sensitivity(q, calib, search_data, task, cache: Path, opts: SearchOptions) -> tuple[dict, dict, Any]:
-    """One-at-a-time drops and Fisher scores per unit and format, on the search split (cached)."""
-    from mixq.sensitivity import scan
-
-    _say("[2/5] one-at-a-time sensitivity and Fisher proxy on the search split ...")
-    table = scan(q, calib, search_data, task.metric_fn, modes="one-at-a-time", proxies=True, progress=opts.progress,
-                 task_name=task.name, store=cache / "scan.jsonl", seed=0)  # not the study's seed: the table serves every study
-    drops, fisher = {}, {}
-    for r in table.rows:
-        if r.drop is not None:
-            drops.setdefault(r.layer, {})[r.format] = float(r.drop)
-        if r.fisher is not None:
-            fisher.setdefault(r.layer, {})[r.format] = float(r.fisher)
-    return drops, fisher, table
-
-
-def imported_sensitivity(path: str, model, calib, search_data, task, backend: str, opts: SearchOptions
-                         ) -> tuple[dict, dict]:
-    """Drops and Fisher scores from a ``mixq scan --split search`` table of this very model, data and backend.
-
-    Raises:
-        ConfigError: the file is not a sensitivity table, was made for another model / data / metric /
-            backend / calibration method (fingerprint), or lacks a unit or format of the space.
-    """
-    from mixq.evaluate import eval_batches
-    from mixq.sensitivity.store import digest, fingerprint
-
-    try:
-        data = json.loads(Path(path).read_text())
-        rows, fp = data["rows"], data["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"--sensitivity {path!r} is not a sensitivity table written by `mixq scan` ({e}).") from None
-    settings = {"backend": backend, "calib_method": opts.calib_method, "quant_mode": "auto", "proxy_data": "calib",
-                "seed": 0}
-    want = digest(fingerprint(model, calib, eval_batches(search_data), task.metric_fn, settings))
-    if fp != want:
-        raise ConfigError(f"--sensitivity {path!r} was made for another model, data, metric, backend or calibration "
-                          f"(fingerprint {fp}, this search needs {want}); make it with `mixq scan --example "
-                          f"{task.name} --split search --backend {backend} --calib-method {opts.calib_method}` "
-                          "(seed 0), or leave --sensitivity out and the search scans itself.")
-    drops, fisher = {}, {}
-    for r in rows:
-        if r.get("drop") is not None:
-            drops.setdefault(r["layer"], {})[r["format"]] = float(r["drop"])
-        if r.get("fisher") is not None:
-            fisher.setdefault(r["layer"], {})[r["format"]] = float(r["fisher"])
-    missing = [f for f in opts.formats if not any(f in per for per in drops.values())]
-    if missing:
-        raise ConfigError(f"--sensitivity {path!r} has no drops for format(s) {', '.join(missing)}; it holds "
-                          f"{', '.join(sorted({f for per in drops.values() for f in per}))}. Scan those formats too.")
-    return drops, fisher
-
-
-def check_budget(budget, limit: float, fp32_ms: float, measured: dict) -> None:
-    """A budget below the fastest plan measured, or at/above FP32, is refused before the study.
-
-    Raises:
-        ConfigError: naming the fastest plan (and its latency) or the plans faster than FP32.
-    """
-    name, ms = min(measured.items(), key=lambda kv: kv[1])
-    if limit < ms:
-        raise ConfigError(f"budget {budget} ({limit:.3f} ms) is below the fastest plan measured: {name} at {ms:.3f} ms "
-                          f"({ms / fp32_ms:.2f}x of FP32 {fp32_ms:.3f} ms); no plan is known to meet it. Give a "
-                          f"budget of at least {ms:.3f} ms ({ms / fp32_ms:.2f}x).")
-    if limit >= fp32_ms:
-        faster = sorted(((n, m) for n, m in measured.items() if m < fp32_ms and not n.startswith("single ")),
-                        key=lambda kv: kv[1])
-        listed = "; ".join(f"{n} {m:.3f} ms ({m / fp32_ms:.2f}x)" for n, m in faster[:5]) or "none measured"
-        raise ConfigError(f"budget {budget} ({limit:.3f} ms) is at or above FP32 latency ({fp32_ms:.3f} ms): it is "
-                          f"trivially met by FP32, which loses nothing. Faster plans: {listed}. Give a budget below "
-                          f"FP32, e.g. {0.9 * fp32_ms:.3f}ms or 0.9x.")
-
-
 def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_text: str, dashboard: str) -> dict:
     """Run the whole search (see the module docstring); write every artifact; return the summary dict."""
     from mixq.artifacts import write_atomic
     from mixq.latency.base import LatencyError
-    from mixq.latency.ort import OrtLatency
     from mixq.search import PlanCache, SearchSpace, baselines, run_search
 
     t_all = time.perf_counter()
@@ -354,13 +127,7 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
     stages["calibrate_and_sensitivity_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    from mixq.cli_deploy import float_graph_of
-
-    class _Args:
-        batch_axis = opts.batch_axis
-
-    graph = float_graph_of(q, calib, _Args)
-    lat = OrtLatency(q, _example_batch(calib[0]), runs=opts.runs, float_graph=graph)
+    lat = engine_latency(q, calib, opts)
     lat_file = cache / "latency.json"
     if lat_file.is_file():
         try:
@@ -412,15 +179,13 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
     lat.save(lat_file)
     stages["latency_and_baselines_s"] = time.perf_counter() - t0
 
-    from mixq.evaluate import evaluate, evaluate_plan
-    from mixq.plan import QuantPlan
+    from mixq.evaluate import evaluate_plan
 
-    def plan_of(a: dict) -> QuantPlan:
-        return QuantPlan(backend=backend, default="fp32", layers={u: f for u, f in a.items() if f != "fp32"},
-                         calib_method=opts.calib_method)
+    def plan(a: dict):
+        return plan_of(a, backend, opts)
 
     def metric_of(a: dict) -> float:
-        return evaluate_plan(q, plan_of(a), search_data, task.metric_fn).metric
+        return evaluate_plan(q, plan(a), search_data, task.metric_fn).metric
 
     timed = search_latency(lat, space, opts, recorded_fp32_ms(storage, name) or fp32_ms)
 
@@ -495,7 +260,7 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
                 reported[f"weight-bits (Fisher) at the searched plan's {bits:.1f} bits"] = wb2
     from mixq.search_final import final_figures
 
-    rows, retimed = final_figures(q, model, task.metric_fn, test_data, reported, lat, plan_of, metric_of, plan_cache,
+    rows, retimed = final_figures(q, model, task.metric_fn, test_data, reported, lat, plan, metric_of, plan_cache,
                                   d, opts, calib)
     stages["final_s"] = time.perf_counter() - t0
     stages["total_s"] = time.perf_counter() - t_all
@@ -513,7 +278,7 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
                "latency_mode": {"mode": "ratio", "rounds": opts.ratio_rounds, "reference_ms": timed.reference_ms}
                if timed is not lat else {"mode": "absolute", "rounds": 1}}
     if best is not None:
-        plan_of(best.assignment).save(d / "search-best.json")
+        plan(best.assignment).save(d / "search-best.json")
     else:
         (d / "search-best.json").unlink(missing_ok=True)  # not a plan of an earlier run
     from mixq.search_report import write_artifacts
@@ -533,118 +298,3 @@ def _resumed_note(res, notes: list) -> None:
     if r.get("running_left"):
         notes.append(f"study {res.study_name!r}: RUNNING trial(s) {r['running_left']} of another process were left "
                      "alone")
-
-
-# ----------------------------------------------------------------------------- several workers
-def latency_setup(lat, opts: SearchOptions) -> dict:
-    """What a latency of this search depends on: a study refuses latencies measured with anything else."""
-    mode = {"ratio_to_fp32_rounds": opts.ratio_rounds} if ratio_mode(opts) else {}
-    return {**lat.setup.to_dict(), "runs": opts.runs, "warmup": lat.warmup, **mode}
-
-
-def start_local_workers(d: Path, opts: SearchOptions, storage_text: str) -> list:
-    """Start workers 1 .. N-1 of ``--workers N``: the same command with ``--join``, one core each.
-
-    Returns:
-        the processes (``subprocess.Popen``; their stdout's last line is their timing as JSON).
-    """
-    import subprocess
-
-    argv, skip = [], False
-    for a in opts.argv:
-        if skip:
-            skip = False
-            continue
-        if a in ("--workers", "--worker-index", "--storage", "--run-dir"):
-            skip = True
-            continue
-        if a.split("=")[0] in ("--workers", "--worker-index", "--storage", "--run-dir") or a in ("--fresh", "--join"):
-            continue
-        argv.append(a)
-    storage = opts.storage if opts.storage is not None else str(d / JOURNAL)
-    root = str(Path(__file__).resolve().parents[1])  # the workers run this very mixq, wherever it was imported from
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": path}
-    procs = []
-    for k in range(1, opts.workers):
-        cmd = [sys.executable, "-m", "mixq.cli", *argv, "--run-dir", str(d), "--storage", storage, "--join",
-               "--worker-index", str(k), "--no-progress"]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    _say(f"[4/5] started {len(procs)} more worker process(es) on the study ({storage_text}): pids "
-         f"{', '.join(str(p.pid) for p in procs)}")
-    return procs
-
-
-def collect_workers(procs: list) -> list:
-    """Wait for the workers; their timings. A worker that failed is reported, its trials were re-queued."""
-    out = []
-    for k, p in enumerate(procs, start=1):
-        stdout, stderr = p.communicate()
-        if p.returncode != 0:
-            print(f"mixq: warning: worker {k} (pid {p.pid}) ended with status {p.returncode}: "
-                  f"{stderr.strip().splitlines()[-1] if stderr.strip() else ''}", file=sys.stderr)
-            out.append({"worker": k, "pid": p.pid, "returncode": p.returncode})
-            continue
-        try:
-            out.append({"worker": k, "pid": p.pid, **json.loads(stdout.strip().splitlines()[-1])})
-        except (ValueError, IndexError):
-            out.append({"worker": k, "pid": p.pid, "returncode": p.returncode})
-    return out
-
-
-def pin(index: int) -> None:
-    """One intra-op thread for torch, and (Linux; ``index >= 0``) one core for the process: worker k on core k."""
-    import torch
-
-    torch.set_num_threads(1)
-    if index >= 0 and hasattr(os, "sched_setaffinity"):
-        cores = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cores[index % len(cores)]})
-
-
-def join(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_text: str) -> dict:
-    """``--join``: work on an existing study until it holds ``--trials`` finished trials; print the timing.
-
-    The calibrated model comes from ``RUN/search-cache/calibrated`` (what the first worker saved) or is made
-    there (another machine). Nothing else is written to the run folder; the study holds the results.
-
-    Raises:
-        ConfigError: the study does not exist, or was made for another model / data / backend (fingerprint).
-    """
-    from mixq.latency.ort import OrtLatency
-    from mixq.search import SearchSpace, run_search
-    from mixq.search.workers import LatencyLock
-
-    name = study_name(task.name, opts)
-    pin(opts.worker_index if opts.worker_index else -1)  # a --join of its own keeps the cores it was given
-    search_data = task.search_fn() if task.search_fn is not None else task.eval_fn()
-    model, calib = task.model_fn(), task.calib_fn()
-    parts = fingerprint_parts(task, model, calib, search_data, backend, opts)
-    check_study_before_work(storage, name, parts, storage_text)
-    cache = d / CACHE
-    cache.mkdir(parents=True, exist_ok=True)
-    opts.progress = False
-    q = calibrated_model(model, calib, backend, opts, cache)
-    space = SearchSpace.build(q.mixq.kinds, backend, opts.formats)
-    from mixq.cli_deploy import float_graph_of
-
-    class _Args:
-        batch_axis = opts.batch_axis
-
-    lat = OrtLatency(q, _example_batch(calib[0]), runs=opts.runs, float_graph=float_graph_of(q, calib, _Args))
-    timed = search_latency(lat, space, opts, recorded_fp32_ms(storage, name))
-    from mixq.evaluate import evaluate_plan
-    from mixq.plan import QuantPlan
-
-    def metric_of(a: dict) -> float:
-        plan = QuantPlan(backend=backend, default="fp32", layers={u: f for u, f in a.items() if f != "fp32"},
-                         calib_method=opts.calib_method)
-        return evaluate_plan(q, plan, search_data, task.metric_fn).metric
-
-    # each worker its own sampler seed: equal seeds on one history would propose equal plans
-    seed = opts.seed + 1000 * opts.worker_index if opts.worker_index else opts.seed + os.getpid()
-    res = run_search(space, metric_of, timed, opts.trials, budget=opts.budget, front=opts.front, sampler=opts.sampler,
-                     seed=seed, storage=storage, study_name=name, fingerprint=parts, storage_text=storage_text,
-                     exclusive=False, latency_setup=latency_setup(lat, opts), lock=LatencyLock())
-    print(json.dumps(res.timing), flush=True)
-    return res.timing
