@@ -153,6 +153,7 @@ class Pipeline:
             sens = self.folder("scan") / "sensitivity.json"
             if c.get("scan", "mode") == "one-at-a-time":
                 out += ["--sensitivity", str(sens)]
+            out += [] if s["random_baseline"] else ["--no-random-baseline"]  # the random study doubles the search
             return out + (["--storage", s["storage"]] if s["storage"] else []) + (["--fresh"] if self.fresh else [])
         if stage == "qat":
             q = c.section("qat")

@@ -33,7 +33,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
              "calib_method": (str, "max"), "seed": (int, 0)},
     "search": {"trials": (int, 30), "sampler": (str, "tpe"), "seed": (int, 0), "formats": (str, "int8"),
                "runs": (int, 50), "rounds": (int, 5), "candidates": (int, 5), "workers": (int, 1),
-               "storage": (str, None)},
+               "storage": (str, None), "random_baseline": (bool, True)},
     "qat": {"enabled": (bool, True), "epochs": (int, None), "lr": (float, None), "train_batches": (int, None),
             "seed": (int, 0)},
     "verify": {"threads": (int, 1), "noise_floor": (bool, True)},

@@ -208,6 +208,22 @@ def test_flags_override_the_configuration_and_say_so(tmp_path, capsys):
     assert "--trials 20 overrides search.trials = 12" in capsys.readouterr().out
 
 
+def test_the_search_stage_passes_the_search_settings_on(tmp_path):
+    from types import SimpleNamespace
+
+    from mixq.pipeline import Pipeline
+    from mixq.run_config import RunConfig
+
+    task = SimpleNamespace(name="t", search_fn=None, train_fn=None, train_recipe=None)
+    default = Pipeline(RunConfig.build(), tmp_path, ["--example", "x"], task, ["run"]).args_of("search")
+    assert "--no-random-baseline" not in default  # the baseline is on unless asked off (and old runs stay current)
+    cfg = RunConfig.build({"budget": "0.7x", "search": {"trials": 12, "random_baseline": False, "sampler": "random"}})
+    args = Pipeline(cfg, tmp_path, ["--example", "x"], task, ["run"]).args_of("search")
+    assert "--no-random-baseline" in args
+    assert args[args.index("--trials") + 1] == "12" and args[args.index("--budget") + 1] == "0.7x"
+    assert args[args.index("--sampler") + 1] == "random"
+
+
 def test_a_stage_is_current_only_with_its_fingerprint_and_its_files_unchanged(tmp_path):
     """The record logic alone (no stage runs): fingerprints chain through the files earlier stages wrote."""
     from types import SimpleNamespace
