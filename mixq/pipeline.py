@@ -154,6 +154,7 @@ class Pipeline:
             if c.get("scan", "mode") == "one-at-a-time":
                 out += ["--sensitivity", str(sens)]
             out += [] if s["random_baseline"] else ["--no-random-baseline"]  # the random study doubles the search
+            out += [] if s["evaluate"] == "simulation" else ["--evaluate", s["evaluate"]]  # old runs stay current
             return out + (["--storage", s["storage"]] if s["storage"] else []) + (["--fresh"] if self.fresh else [])
         if stage == "qat":
             q = c.section("qat")

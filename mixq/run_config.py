@@ -33,12 +33,15 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
              "calib_method": (str, "max"), "seed": (int, 0)},
     "search": {"trials": (int, 30), "sampler": (str, "tpe"), "seed": (int, 0), "formats": (str, "int8"),
                "runs": (int, 50), "rounds": (int, 5), "candidates": (int, 5), "workers": (int, 1),
-               "storage": (str, None), "random_baseline": (bool, True)},
+               "storage": (str, None), "random_baseline": (bool, True),
+               "evaluate": (str, "simulation")},
     "qat": {"enabled": (bool, True), "epochs": (int, None), "lr": (float, None), "train_batches": (int, None),
             "seed": (int, 0)},
     "verify": {"threads": (int, 1), "noise_floor": (bool, True)},
     "latency": {"rounds": (int, 7), "runs": (int, 50), "min_seconds": (float, 0.2)},
 }
+# keys whose value is one of a few words, checked here so that a typo is named before any stage starts
+CHOICES: dict[str, tuple[str, ...]] = {"search.evaluate": ("simulation", "engine")}
 
 
 def _qualified() -> list[str]:
@@ -51,6 +54,11 @@ def _nearest(bad: str) -> str:
         last = bad.rsplit(".", 1)[-1]
         close = [q for q in _qualified() if q.rsplit(".", 1)[-1] == last][:1]
     return f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(_qualified())}."
+
+
+def _nearest_word(bad: str, words: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(bad, words, n=1, cutoff=0.4)
+    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def _typed(key: str, value: Any, kind: type, where: str) -> Any:
@@ -95,6 +103,10 @@ class RunConfig:
                     if sub not in SCHEMA[key]:
                         raise ConfigError(f"{where}: unknown key {key}.{sub}.{_nearest(f'{key}.{sub}')}")
                     values[key][sub] = _typed(f"{key}.{sub}", v, SCHEMA[key][sub][0], where)
+                    choices = CHOICES.get(f"{key}.{sub}")
+                    if choices and v not in choices:
+                        raise ConfigError(f"{where}: {key}.{sub} = {v!r} is not valid; choose from "
+                                          f"{', '.join(choices)}.{_nearest_word(v, choices)}")
             else:
                 if key not in SCHEMA[""]:
                     raise ConfigError(f"{where}: unknown key {key!r}.{_nearest(key)}")

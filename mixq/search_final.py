@@ -61,8 +61,10 @@ def meets_budget(budget: Any, t: dict, fp32_ms: float) -> tuple[bool, float, flo
 
 def final_figures(q: Any, model: Any, metric_fn: Callable, test_data: Any, reported: dict, lat: Any,
                   plan_of: Callable, metric_of: Callable, plan_cache: Any, d: Path, opts: Any,
-                  calib: Any) -> tuple[list, dict]:
+                  calib: Any, engine: Any = None) -> tuple[list, dict]:
     """Evaluate ``reported`` plans (name -> assignment) on the test split; re-time them in a fresh process.
+
+    With ``engine`` (``mixq.evaluate.EngineRunner``) the plans and the FP32 reference run on ONNX Runtime.
 
     Returns:
         (one row per reported plan, the re-timing result).
@@ -73,13 +75,15 @@ def final_figures(q: Any, model: Any, metric_fn: Callable, test_data: Any, repor
     print(f"[5/5] final figures: {len(reported)} plans on the test split; latencies re-timed in a fresh process, "
           f"interleaved with FP32 ({opts.rounds} rounds) ...", flush=True)
     by_name, onnx, retimed = retime_plans(reported, lat, calib, d / SUBDIR, opts)
-    ref = evaluate(model, test_data, metric_fn)
+    ref = evaluate(model, test_data, metric_fn) if engine is None else \
+        evaluate_plan(q, plan_of({u: "fp32" for u in next(iter(reported.values()))}), test_data, metric_fn,
+                      engine=engine)
     evals: dict[int, Any] = {}
     rows = []
     for name, a in reported.items():
         k = PlanCache.key(a)
         if k not in evals:
-            evals[k] = evaluate_plan(q, plan_of(a), test_data, metric_fn, reference=ref)
+            evals[k] = evaluate_plan(q, plan_of(a), test_data, metric_fn, reference=ref, engine=engine)
         ev = evals[k]
         if k not in plan_cache.metrics:
             plan_cache.metrics[k] = metric_of(a)

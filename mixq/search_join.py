@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mixq.search_prep import (CACHE, JOURNAL, _say, calibrated_model, check_study_before_work, engine_latency,
+from mixq.search_prep import (CACHE, JOURNAL, _say, calibrated_model, check_study_before_work, engine_latency, engine_runner,
                               fingerprint_parts, plan_of, ratio_mode, recorded_fp32_ms, search_latency, study_name)
 
 
@@ -105,9 +105,10 @@ def join(task, d: Path, backend: str, opts, storage: Any, storage_text: str) -> 
     space = SearchSpace.build(q.mixq.kinds, backend, opts.formats)
     lat = engine_latency(q, calib, opts)
     timed = search_latency(lat, space, opts, recorded_fp32_ms(storage, name))
+    runner = engine_runner(q, lat, opts)
 
     def metric_of(a: dict) -> float:
-        return evaluate_plan(q, plan_of(a, backend, opts), search_data, task.metric_fn).metric
+        return evaluate_plan(q, plan_of(a, backend, opts), search_data, task.metric_fn, engine=runner).metric
 
     # each worker its own sampler seed: equal seeds on one history would propose equal plans
     seed = opts.seed + 1000 * opts.worker_index if opts.worker_index else opts.seed + os.getpid()

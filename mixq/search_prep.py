@@ -50,11 +50,13 @@ def fingerprint_parts(task, model, calib, search_data, backend: str, opts) -> di
                   "objective": "metric+latency" if opts.front else "metric"})
     if ratio_mode(opts):  # absolute studies keep their fingerprint; relative ones made before ratio mode are refused
         parts["latency_mode"] = f"ratio to FP32, {opts.ratio_rounds} rounds"
+    if opts.evaluate != "simulation":  # studies measured in the simulation keep their fingerprint
+        parts["evaluate"] = opts.evaluate
     return parts
 
 
 def _cache_parts(parts: dict) -> dict:
-    return {k: v for k, v in parts.items() if k not in ("budget", "objective", "latency_mode")}
+    return {k: v for k, v in parts.items() if k not in ("budget", "objective", "latency_mode", "evaluate")}
 
 
 def ratio_mode(opts) -> bool:
@@ -262,3 +264,12 @@ def plan_of(assignment: dict, backend: str, opts):
 
     return QuantPlan(backend=backend, default="fp32", layers={u: f for u, f in assignment.items() if f != "fp32"},
                      calib_method=opts.calib_method)
+
+
+def engine_runner(q, lat, opts):
+    """``--evaluate engine``: plans evaluated on ONNX Runtime on every core this process has (None: simulation)."""
+    if opts.evaluate != "engine":
+        return None
+    from mixq.evaluate import EngineRunner
+
+    return EngineRunner(q, lat.float_graph)

@@ -218,6 +218,12 @@ def markdown(summary: dict, paths: dict) -> str:
                  f"{mode['reference_ms']:.3f} ms.")
     elif mode:
         L.append("Latency in the search: one absolute measurement per plan (median of its runs).")
+    if summary.get("evaluate") == "engine":
+        L.append("Metrics (search and test split, FP32 included): each plan's model run on ONNX Runtime, the numbers "
+                 "the deployed engine gives; the sensitivity scan is the fake-quant simulation's.")
+    else:
+        L.append("Metrics (search and test split): the fake-quant simulation of each plan (`mixq verify` compares it "
+                 "with the engine).")
     L += ["", f"Space: {summary['space']['describe']}.", "",
           f"Study `{summary['study']}` in {summary['storage']} ({summary['trials']} trials, {summary['sampler']}, seed "
           f"{summary['seed']}), warm-started with the baselines; random search with the same number of trials in "

@@ -27,7 +27,7 @@ from typing import Any, Optional
 from mixq.errors import ConfigError, MixqError
 from mixq.search_join import collect_workers, latency_setup, pin, start_local_workers
 from mixq.search_prep import (CACHE, _say, calibrated_model, check_budget, check_cache, check_study_before_work,
-                              discard, engine_latency, fingerprint_parts, imported_sensitivity, plan_of,
+                              discard, engine_latency, engine_runner, fingerprint_parts, imported_sensitivity, plan_of,
                               recorded_fp32_ms, search_latency, sensitivity, study_name, weight_counts)
 
 SCAN_GUIDED_DROP = 0.5  # metric points: a unit that alone costs more stays float in the scan-guided baseline
@@ -54,6 +54,7 @@ class SearchOptions:
     candidates: int = 5
     metric_tolerance: float = 0.1
     sensitivity: Optional[str] = None
+    evaluate: str = "simulation"  # or "engine": plans measured on ONNX Runtime (mixq.evaluate.EngineRunner)
     progress: bool = True
     command: str = ""
     batch_axis: Any = 0
@@ -181,11 +182,13 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
 
     from mixq.evaluate import evaluate_plan
 
+    runner = engine_runner(q, lat, opts)
+
     def plan(a: dict):
         return plan_of(a, backend, opts)
 
     def metric_of(a: dict) -> float:
-        return evaluate_plan(q, plan(a), search_data, task.metric_fn).metric
+        return evaluate_plan(q, plan(a), search_data, task.metric_fn, engine=runner).metric
 
     timed = search_latency(lat, space, opts, recorded_fp32_ms(storage, name) or fp32_ms)
 
@@ -261,7 +264,7 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
     from mixq.search_final import final_figures
 
     rows, retimed = final_figures(q, model, task.metric_fn, test_data, reported, lat, plan, metric_of, plan_cache,
-                                  d, opts, calib)
+                                  d, opts, calib, runner)
     stages["final_s"] = time.perf_counter() - t0
     stages["total_s"] = time.perf_counter() - t_all
     summary = {"task": task.name, "command": opts.command, "backend": backend, "budget": str(opts.budget)
@@ -274,7 +277,7 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
                "baselines": base, "rows": rows, "retime": retimed, "search": res.to_dict(),
                "random": rand.to_dict() if rand is not None else None, "notes": notes, "stages": stages,
                "selection": selection, "workers": worker_timings, "metric_tolerance": opts.metric_tolerance,
-               "chosen_trial": None if best is None else best.number,
+               "chosen_trial": None if best is None else best.number, "evaluate": opts.evaluate,
                "latency_mode": {"mode": "ratio", "rounds": opts.ratio_rounds, "reference_ms": timed.reference_ms}
                if timed is not lat else {"mode": "absolute", "rounds": 1}}
     if best is not None:

@@ -142,6 +142,42 @@ def test_drop_and_interval_match_an_independent_paired_bootstrap():
         evaluate_plan(q, "int8", evalb, top1, reference=fp32, confidence=1.5)
 
 
+# --------------------------------------------------------------------------- plans on the engine
+def test_a_plan_evaluated_on_the_engine_is_what_onnx_runtime_computes_for_its_export():
+    import onnxruntime as ort
+
+    from mixq.evaluate import EngineRunner
+    from mixq.export import export, export_float_graph
+
+    model, calib, evalb = _task()
+    q = mixq.quantize(model, "fp32", backend="ort-cpu", calib_data=calib, formats=["int8"])
+    runner = EngineRunner(q, export_float_graph(q, calib[0], batch_axis=0), threads=1)
+    plan = QuantPlan("ort-cpu", "int8", {"2": "fp32"})
+    got = evaluate_plan(q, plan, evalb, top1, engine=runner, keep_outputs=True)
+    # independent of the runner: the one-call export of the plan, an ONNX Runtime session made here with the
+    # optimizers mixq keeps off (a default session differs on a few near-ties: see mixq.engine.ort), numpy argmax
+    from mixq.engine.ort import DEFAULT_DISABLED
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(export(q, plan, calib[0]).SerializeToString(), so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(DEFAULT_DISABLED))
+    name = sess.get_inputs()[0].name
+    outs = [sess.run(None, {name: x.numpy()})[0] for x, _ in evalb]
+    want = np.concatenate([(o.argmax(1) == y.numpy()) * 100.0 for o, (_, y) in zip(outs, evalb)])
+    assert np.array_equal(got.scores, want) and got.metric == want.mean()
+    assert all(np.array_equal(g.numpy(), o) for g, o in zip(got.outputs, outs)), "the engine's own numbers"
+    assert got.resolved == {"0": "int8", "2": "fp32", "4": "int8"}
+    # it ran the plan, not the float model, and it is close to (not the same code as) the simulation
+    fp32 = evaluate_plan(q, "fp32", evalb, top1, engine=runner)
+    sim = evaluate_plan(q, plan, evalb, top1, keep_outputs=True)
+    assert not np.array_equal(fp32.scores, got.scores)
+    assert not all(torch.equal(s, g) for s, g in zip(sim.outputs, got.outputs)), "the simulation's are not bitwise equal"
+    assert (sim.scores == got.scores).mean() >= 0.97
+    assert _formats(q) == _formats(mixq.quantize(model, "fp32", backend="ort-cpu", calib_data=calib,
+                                                  formats=["int8"])), "the model's own plan is back"
+
+
 # --------------------------------------------------------------------------- the previous plan comes back
 def test_evaluate_plan_restores_the_previous_plan_followers_included():
     model, calib, evalb = _task(n_batches=1)

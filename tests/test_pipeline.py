@@ -165,6 +165,7 @@ def test_a_failed_check_still_writes_the_report_and_exits_1(done, monkeypatch, c
     ("budget = \"0.8\"\n", "budget"),
     ("budget = \"1.5x\"\n", "at or above FP32"),
     ("[search]\nsampler = \"cmaes\"\n", "unknown sampler 'cmaes'"),
+    ("[search]\nevaluate = \"engin\"\n", "search.evaluate = 'engin' is not valid; choose from simulation, engine. Did you mean 'engine'?"),
     ("[scan]\ncalib_method = \"kl\"\n", "kl"),
     ("[qat]\nenabled = true\n", "states no training recipe"),
 ])
@@ -216,12 +217,14 @@ def test_the_search_stage_passes_the_search_settings_on(tmp_path):
 
     task = SimpleNamespace(name="t", search_fn=None, train_fn=None, train_recipe=None)
     default = Pipeline(RunConfig.build(), tmp_path, ["--example", "x"], task, ["run"]).args_of("search")
-    assert "--no-random-baseline" not in default  # the baseline is on unless asked off (and old runs stay current)
-    cfg = RunConfig.build({"budget": "0.7x", "search": {"trials": 12, "random_baseline": False, "sampler": "random"}})
+    # the baseline is on and plans are simulated unless asked otherwise (and old runs stay current)
+    assert "--no-random-baseline" not in default and "--evaluate" not in default
+    cfg = RunConfig.build({"budget": "0.7x", "search": {"trials": 12, "random_baseline": False, "sampler": "random",
+                                                        "evaluate": "engine"}})
     args = Pipeline(cfg, tmp_path, ["--example", "x"], task, ["run"]).args_of("search")
     assert "--no-random-baseline" in args
     assert args[args.index("--trials") + 1] == "12" and args[args.index("--budget") + 1] == "0.7x"
-    assert args[args.index("--sampler") + 1] == "random"
+    assert args[args.index("--sampler") + 1] == "random" and args[args.index("--evaluate") + 1] == "engine"
 
 
 def test_a_stage_is_current_only_with_its_fingerprint_and_its_files_unchanged(tmp_path):

@@ -378,6 +378,30 @@ def test_another_seed_and_study_in_the_same_run_folder_reuse_the_caches(searched
     assert "calibrated model from" in out and "latencies reused" in out
 
 
+def test_evaluate_engine_measures_the_study_and_the_final_figures_on_onnx_runtime(searched, tmp_path, capsys,
+                                                                                  monkeypatch):
+    import shutil
+
+    from mixq.evaluate import EngineRunner
+
+    d = tmp_path / "copy"
+    shutil.copytree(searched, d)
+    ran = []
+    real = EngineRunner.model
+    monkeypatch.setattr(EngineRunner, "model", lambda self, plan: ran.append(plan) or real(self, plan))
+    # the simulation's study is not continued with engine metrics: they do not compare
+    assert main(_search(d, "--budget", "0.8x", "--trials", "12", "--evaluate", "engine")) == 2
+    assert "how a plan's metric is measured" in capsys.readouterr().err and not ran
+    assert main(_search(d, "--budget", "0.8x", "--trials", "4", "--study", "eng", "--no-random-baseline",
+                        "--evaluate", "engine")) == 0
+    out = json.loads((d / "search.json").read_text())
+    assert out["evaluate"] == "engine" and "run on ONNX Runtime" in (d / "search.md").read_text()
+    evaluated = sum(r["metric"] is not None for r in out["search"]["records"])
+    distinct = len({json.dumps(r["assignment"], sort_keys=True) for r in out["rows"]})
+    assert len(ran) >= evaluated + distinct + 1, (len(ran), evaluated, distinct)  # + the FP32 reference
+    assert "calibrated model from" in capsys.readouterr().out  # the simulation's caches serve it
+
+
 @pytest.mark.parametrize("extra, message", [
     ([], "give a latency budget"),
     (["--budget", "fast"], "budget 'fast' is not understood"),

@@ -34,7 +34,8 @@ _PART_WORDS = {"model": "the model (weights or code)", "calib_data": "the calibr
                "space": "the search space (units and their choices)", "budget": "the budget",
                "objective": "the objectives (--front or a single metric)", "latency": "the latency measurement "
                "setup (engine version, threads, clock, runs, CPU)",
-               "latency_mode": "how the search times a plan (ratio to FP32 next to it, and its rounds)"}
+               "latency_mode": "how the search times a plan (ratio to FP32 next to it, and its rounds)",
+               "evaluate": "how a plan's metric is measured (--evaluate: simulation or engine)"}
 
 
 def mask_url(url: str) -> str:
