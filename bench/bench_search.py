@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,10 @@ def main() -> int:
     ap.add_argument("--gaps", default="0.1,0.25,0.5", help="budgets as fractions of the gap fastest -> FP32")
     ap.add_argument("--run-dir", default=None, help="the search's run folder (default runs/bench_search_<example>)")
     ap.add_argument("--out", default=None, help="output stem (default reports/search_<example>)")
+    ap.add_argument("--evaluate", default="simulation", choices=("simulation", "engine"),
+                    help="passed on to every mixq search: where plan metrics are measured")
+    ap.add_argument("--search-args", default="",
+                    help="more options passed on to every mixq search, e.g. \"--runs 20 --rounds 3\"")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     gaps = [float(g) for g in args.gaps.split(",")]
@@ -67,7 +72,8 @@ def main() -> int:
     run = Path(args.run_dir or f"runs/bench_search_{args.example}")
     out = Path(args.out or f"reports/search_{args.example}")
     out.mkdir(parents=True, exist_ok=True)
-    common = ["--example", args.example, "--run-dir", str(run), "--no-progress"]
+    common = ["--example", args.example, "--run-dir", str(run), "--no-progress", "--evaluate", args.evaluate,
+              *shlex.split(args.search_args)]
     t0 = time.perf_counter()
 
     _mixq(["search", *common, "--front", "--trials", "1", "--no-random-baseline", "--study", "probe"])
@@ -104,7 +110,8 @@ def main() -> int:
                          "rows": res["rows"] if not extra else None, "stages": res.get("stages")})
         budgets.append({"gap": g, "budget_x": x, "runs": runs})
 
-    summary = {"command": "python " + " ".join(sys.argv), "example": args.example, "trials": args.trials,
+    summary = {"command": "python " + shlex.join(sys.argv), "example": args.example, "trials": args.trials,
+               "evaluate": args.evaluate,
                "seeds": seeds, "fastest_baseline": fastest, "probe_ratios": ratios, "budgets": budgets,
                "seconds": time.perf_counter() - t0}
     (out.with_suffix(".json")).write_text(json.dumps(summary, indent=1, default=str))
@@ -118,7 +125,8 @@ def _markdown(s: dict, out: Path) -> str:
     lines = [f"# Search vs baselines on {s['example']}", "", f"Command: `{s['command']}` ({s['seconds'] / 60:.0f} min).",
              "", f"Fresh-process probe: the fastest baseline is {s['fastest_baseline']} at "
              f"{s['probe_ratios'][s['fastest_baseline']]:.3f}x of FP32. Budgets: fastest + gap x (1 - fastest). "
-             f"{s['trials']} trials per study, seeds {s['seeds']}; test metric with its standard error (paired "
+             f"{s['trials']} trials per study, seeds {s['seeds']}; metrics from the "
+             f"{'ONNX Runtime engine' if s.get('evaluate') == 'engine' else 'fake-quant simulation'}; test metric with its standard error (paired "
              "bootstrap); latency re-timed in a fresh process, ratio to FP32.", ""]
     runs = [r for b in s["budgets"] for r in b["runs"]]
     found = [r for r in runs if r["searched"]]

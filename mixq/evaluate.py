@@ -296,14 +296,22 @@ def evaluate_plan(qmodel: nn.Module, plan: QuantPlan | str | dict, eval_data: It
         ev = evaluate(qmodel if engine is None else engine.model(ran), batches, metric_fn, keep_outputs, progress)
     res = PlanEvaluation(ev.metric, ev.scores, ev.seconds, ev.outputs, plan=ran, resolved=dict(resolved),
                          confidence=confidence, resamples=resamples)
-    if reference is not None:
-        ref = np.asarray(reference.scores, dtype=np.float64).reshape(-1)
-        if ref.size != ev.scores.size:
-            raise EvaluationError(f"the reference has {ref.size} per-sample scores but this evaluation has "
-                                  f"{ev.scores.size}: evaluate both on the same evaluation data.")
-        res.reference = float(reference.metric)
-        res.drop = float(reference.metric - ev.metric)
-        res.drop_ci = paired_bootstrap_ci(ref - ev.scores, resamples, confidence, seed)
+    return res if reference is None else against(res, reference, seed)
+
+
+def against(res: PlanEvaluation, reference: Evaluation, seed: int = 0) -> PlanEvaluation:
+    """Set ``res``'s reference, drop and paired-bootstrap drop interval against ``reference``; return ``res``.
+
+    Raises:
+        EvaluationError: the two have different numbers of per-sample scores.
+    """
+    ref = np.asarray(reference.scores, dtype=np.float64).reshape(-1)
+    if ref.size != res.scores.size:
+        raise EvaluationError(f"the reference has {ref.size} per-sample scores but this evaluation has "
+                              f"{res.scores.size}: evaluate both on the same evaluation data.")
+    res.reference = float(reference.metric)
+    res.drop = float(reference.metric - res.metric)
+    res.drop_ci = paired_bootstrap_ci(ref - res.scores, res.resamples, res.confidence, seed)
     return res
 
 

@@ -11,7 +11,50 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from mixq.search_prep import CACHE
+
 SUBDIR = "search-final"
+
+
+class TestScores:
+    """Per-sample test-split scores of the plans already evaluated, in a JSON file of the search's cache folder.
+
+    Baselines recur between searches of one run folder (other budgets, seeds, a resumed run); their test-split
+    evaluation, the most expensive step of the final figures, is done once. The file is keyed by plan and lives in
+    the cache folder, which is refused for another model, data or backend and discarded by ``--fresh``; the
+    simulation and the engine keep separate files.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import json
+
+        self.path = path
+        self.data: dict = json.loads(path.read_text()) if path.is_file() else {}
+
+    @staticmethod
+    def _key(k: Any) -> str:
+        return k if isinstance(k, str) else ",".join(f"{u}={f}" for u, f in k)
+
+    def get(self, k: Any) -> Any:
+        """The cached evaluation (a ``PlanEvaluation`` without a reference), or None."""
+        import numpy as np
+
+        from mixq.evaluate import PlanEvaluation
+
+        s = self.data.get(self._key(k))
+        if s is None:
+            return None
+        a = np.asarray(s, dtype=np.float64)
+        return PlanEvaluation(float(a.mean()), a)
+
+    def put(self, k: Any, scores: Any) -> None:
+        import json
+
+        from mixq.artifacts import write_atomic
+
+        self.data[self._key(k)] = [float(x) for x in scores]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, json.dumps(self.data))
 
 
 def retime_plans(reported: dict, lat: Any, calib: Any, folder: Path, opts: Any) -> tuple[dict, dict, dict]:
@@ -69,21 +112,29 @@ def final_figures(q: Any, model: Any, metric_fn: Callable, test_data: Any, repor
     Returns:
         (one row per reported plan, the re-timing result).
     """
-    from mixq.evaluate import evaluate, evaluate_plan
+    from mixq.evaluate import against, evaluate, evaluate_plan
     from mixq.search import PlanCache
 
     print(f"[5/5] final figures: {len(reported)} plans on the test split; latencies re-timed in a fresh process, "
           f"interleaved with FP32 ({opts.rounds} rounds) ...", flush=True)
     by_name, onnx, retimed = retime_plans(reported, lat, calib, d / SUBDIR, opts)
-    ref = evaluate(model, test_data, metric_fn) if engine is None else \
-        evaluate_plan(q, plan_of({u: "fp32" for u in next(iter(reported.values()))}), test_data, metric_fn,
-                      engine=engine)
+    scores = TestScores(d / CACHE / f"test-scores-{getattr(opts, 'evaluate', 'simulation')}.json")
+    ref = scores.get("fp32 reference")
+    if ref is None:
+        ref = evaluate(model, test_data, metric_fn) if engine is None else \
+            evaluate_plan(q, plan_of({u: "fp32" for u in next(iter(reported.values()))}), test_data, metric_fn,
+                          engine=engine)
+        scores.put("fp32 reference", ref.scores)
     evals: dict[int, Any] = {}
     rows = []
     for name, a in reported.items():
         k = PlanCache.key(a)
         if k not in evals:
-            evals[k] = evaluate_plan(q, plan_of(a), test_data, metric_fn, reference=ref, engine=engine)
+            evals[k] = scores.get(k)
+            if evals[k] is None:
+                evals[k] = evaluate_plan(q, plan_of(a), test_data, metric_fn, engine=engine)
+                scores.put(k, evals[k].scores)
+            evals[k] = against(evals[k], ref)
         ev = evals[k]
         if k not in plan_cache.metrics:
             plan_cache.metrics[k] = metric_of(a)

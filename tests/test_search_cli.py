@@ -372,10 +372,21 @@ def test_another_seed_and_study_in_the_same_run_folder_reuse_the_caches(searched
 
     d = tmp_path / "copy"
     shutil.copytree(searched, d)
+    # the test-split scores of the plans already evaluated are reused: a planted score shows it
+    cache = d / "search-cache" / "test-scores-simulation.json"
+    scores = json.loads(cache.read_text())
+    row = next(r for r in json.loads((d / "search.json").read_text())["rows"] if r["plan"] == "all-int8")
+    key = ",".join(f"{u}={f}" for u, f in sorted(row["assignment"].items()))
+    assert key in scores and "fp32 reference" in scores
+    scores[key] = [100.0 - 100.0 * (i % 2) for i in range(len(scores[key]))]  # a metric of exactly 50
+    cache.write_text(json.dumps(scores))
     assert main(_search(d, "--budget", "0.8x", "--trials", "3", "--seed", "7", "--study", "other",
                         "--no-random-baseline")) == 0
     out = capsys.readouterr().out
     assert "calibrated model from" in out and "latencies reused" in out
+    rows = {r["plan"]: r for r in json.loads((d / "search.json").read_text())["rows"]}
+    assert rows["all-int8"]["test_metric"] == 50.0 and rows["all-int8"]["drop"] == pytest.approx(
+        rows["fp32"]["test_metric"] - 50.0)
 
 
 def test_evaluate_engine_measures_the_study_and_the_final_figures_on_onnx_runtime(searched, tmp_path, capsys,
