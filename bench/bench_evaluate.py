@@ -42,10 +42,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--example", default="mnist_resnet")
     ap.add_argument("--plans", default="int8,weighted", help=f"comma-separated, of {', '.join(PLANS)}")
+    ap.add_argument("--batches", type=int, default=None, help="only the first N batches of the split")
     ap.add_argument("--out", default=None, help="output stem (default reports/evaluate_<example>)")
     args = ap.parse_args()
     names = args.plans.split(",")
     bad = [n for n in names if n not in PLANS]
+    if args.batches is not None and args.batches < 1:
+        raise SystemExit(f"--batches must be at least 1, got {args.batches}")
     if bad:
         raise SystemExit(f"--plans {bad[0]!r} is not a plan here; valid: {', '.join(PLANS)}")
     torch.set_num_threads(1)
@@ -54,7 +57,7 @@ def main() -> int:
     model = task.model_fn().eval()
     calib = task.calib_fn()
     split = "search" if task.search_fn is not None else "evaluation (the example has no search split)"
-    data = eval_batches((task.search_fn or task.eval_fn)())
+    data = eval_batches((task.search_fn or task.eval_fn)())[: args.batches]
     q = quantize(model, QuantPlan.uniform("int8", "ort-cpu"), calib_data=calib)
     example = data[0][0]
     t0 = time.perf_counter()
