@@ -43,11 +43,13 @@ def grouped_space(kinds: dict, backend: str, groups: int):
     return SearchSpace.build(kinds, backend, ["int8"], ties=ties), chunks
 
 
-def enumerate_space(task, q, calib, space, path: Path, rounds: int, search_batches: int | None) -> dict:
-    """Every plan of ``space``: in-process latency (median of interleaved rounds) and search-split metric."""
+def enumerate_space(task, q, calib, space, path: Path, rounds: int, search_batches: int | None,
+                    on_engine: bool = False) -> dict:
+    """Every plan of ``space``: in-process latency (median of interleaved rounds) and search-split metric (of the
+    fake-quant simulation, or with ``on_engine`` of the plan's model on ONNX Runtime)."""
     from mixq.artifacts import write_atomic
     from mixq.cli_deploy import float_graph_of
-    from mixq.evaluate import evaluate_plan
+    from mixq.evaluate import EngineRunner, evaluate_plan
     from mixq.latency.ort import OrtLatency
     from mixq.plan import QuantPlan
 
@@ -75,11 +77,14 @@ def enumerate_space(task, q, calib, space, path: Path, rounds: int, search_batch
     print(f"measuring {len(plans)} plans ({rounds} interleaved rounds) ...", flush=True)
     ms = lat.measure_many(plans, rounds=rounds)
     t1 = time.perf_counter()
-    print(f"evaluating {len(plans)} plans on the search split ...", flush=True)
+    engine = EngineRunner(q, lat.float_graph) if on_engine else None
+    print(f"evaluating {len(plans)} plans on the search split ({'ONNX Runtime' if on_engine else 'simulation'}) ...",
+          flush=True)
     rows = []
     for i, (a, m) in enumerate(zip(plans, ms)):
         ev = evaluate_plan(q, QuantPlan(backend=space.backend, default="fp32",
-                                        layers={u: f for u, f in a.items() if f != "fp32"}), search, task.metric_fn)
+                                        layers={u: f for u, f in a.items() if f != "fp32"}), search, task.metric_fn,
+                           engine=engine)
         rows.append({"assignment": a, "latency_ms": m, "metric": ev.metric})
         if (i + 1) % 32 == 0:
             print(f"  {i + 1}/{len(plans)}", flush=True)
@@ -99,6 +104,8 @@ def main() -> int:
     ap.add_argument("--noise", type=float, default=0.1, help="metric points counted as within noise")
     ap.add_argument("--search-batches", type=int, default=None,
                     help="evaluate the plans on the first N batches of the search split only (a large example)")
+    ap.add_argument("--evaluate", default="simulation", choices=("simulation", "engine"),
+                    help="where each plan's metric is measured (as `mixq search --evaluate`)")
     ap.add_argument("--run-dir", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -117,8 +124,9 @@ def main() -> int:
     run = Path(args.run_dir or f"runs/bench_regret_{args.example}")
     run.mkdir(parents=True, exist_ok=True)
     space, chunks = grouped_space(q.mixq.kinds, "ort-cpu", args.groups)
-    table = enumerate_space(task, q, calib, space, run / f"enumerated-g{args.groups}-b{args.search_batches or 'all'}.json", args.rounds,
-                            args.search_batches)
+    mode = "" if args.evaluate == "simulation" else f"-{args.evaluate}"
+    table = enumerate_space(task, q, calib, space, run / f"enumerated-g{args.groups}-b{args.search_batches or 'all'}{mode}.json",
+                            args.rounds, args.search_batches, on_engine=args.evaluate == "engine")
     by_key = {PlanCache.key(r["assignment"]): r for r in table["plans"]}
     metric = lambda a: by_key[PlanCache.key(a)]["metric"]
     latency = lambda a: by_key[PlanCache.key(a)]["latency_ms"]
@@ -142,7 +150,7 @@ def main() -> int:
                                 "true_best": true_best, "feasible_plans": len(feas), "found": got,
                                 "regret": None if got is None else true_best - got, "trial_within_noise": reach})
     summary = {"command": "python " + " ".join(sys.argv), "example": args.example, "groups": chunks,
-               "space_size": len(table["plans"]), "search_batches": args.search_batches, "trials": args.trials, "noise": args.noise, "fp32_ms": fp32_ms,
+               "space_size": len(table["plans"]), "search_batches": args.search_batches, "evaluate": args.evaluate, "trials": args.trials, "noise": args.noise, "fp32_ms": fp32_ms,
                "fastest_ms": fastest, "enumeration": {k: table[k] for k in ("measure_s", "evaluate_s", "rounds")},
                "metric_range": [min(r["metric"] for r in table["plans"]), max(r["metric"] for r in table["plans"])],
                "results": results}
@@ -161,7 +169,7 @@ def markdown(s: dict) -> str:
          f"with INT8, every one measured in-process ({s['enumeration']['rounds']} interleaved rounds, "
          f"{s['enumeration']['measure_s']:.0f} s) and evaluated on the search split"
          f"{sub} "
-         f"({s['enumeration']['evaluate_s']:.0f} s). Search-split metric over the space: "
+         f"({'on ONNX Runtime, ' if s.get('evaluate') == 'engine' else ''}{s['enumeration']['evaluate_s']:.0f} s). Search-split metric over the space: "
          f"{s['metric_range'][0]:.2f} to {s['metric_range'][1]:.2f}; FP32 {s['fp32_ms']:.3f} ms, fastest plan "
          f"{s['fastest_ms']:.3f} ms. Searches run on the table (the same callables `mixq search` is handed), "
          f"{s['trials']} trials; regret = best feasible metric of the table - the search's; 'within noise' = within "
