@@ -118,7 +118,7 @@ def final_figures(q: Any, model: Any, metric_fn: Callable, test_data: Any, repor
     print(f"[5/5] final figures: {len(reported)} plans on the test split; latencies re-timed in a fresh process, "
           f"interleaved with FP32 ({opts.rounds} rounds) ...", flush=True)
     by_name, onnx, retimed = retime_plans(reported, lat, calib, d / SUBDIR, opts)
-    scores = TestScores(d / CACHE / f"test-scores-{getattr(opts, 'evaluate', 'simulation')}.json")
+    scores = TestScores(d / CACHE / f"test-scores-{opts.evaluate}.json")
     ref = scores.get("fp32 reference")
     if ref is None:
         ref = evaluate(model, test_data, metric_fn) if engine is None else \
