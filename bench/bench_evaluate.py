@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mixq.artifacts import write_atomic  # noqa: E402
+from mixq.errors import MixqError  # noqa: E402
 from mixq.evaluate import EngineRunner, eval_batches, evaluate, evaluate_plan  # noqa: E402
 from mixq.export import export_float_graph  # noqa: E402
 from mixq.formats import WEIGHTED_KINDS  # noqa: E402
@@ -53,7 +54,10 @@ def main() -> int:
         raise SystemExit(f"--plans {bad[0]!r} is not a plan here; valid: {', '.join(PLANS)}")
     torch.set_num_threads(1)
     out = Path(args.out or f"reports/evaluate_{args.example}")
-    task = Task.example(args.example)
+    try:
+        task = Task.example(args.example)
+    except MixqError as e:
+        raise SystemExit(f"bench_evaluate: {e}") from None
     model = task.model_fn().eval()
     calib = task.calib_fn()
     split = "search" if task.search_fn is not None else "evaluation (the example has no search split)"

@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from mixq.search_prep import EVALUATE_MODES  # noqa: E402
 
 
 def grouped_space(kinds: dict, backend: str, groups: int):
@@ -104,7 +105,7 @@ def main() -> int:
     ap.add_argument("--noise", type=float, default=0.1, help="metric points counted as within noise")
     ap.add_argument("--search-batches", type=int, default=None,
                     help="evaluate the plans on the first N batches of the search split only (a large example)")
-    ap.add_argument("--evaluate", default="simulation", choices=("simulation", "engine"),
+    ap.add_argument("--evaluate", default="simulation", choices=EVALUATE_MODES,
                     help="where each plan's metric is measured (as `mixq search --evaluate`)")
     ap.add_argument("--run-dir", default=None)
     ap.add_argument("--out", default=None)

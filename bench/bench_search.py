@@ -25,6 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mixq.search_prep import EVALUATE_MODES  # noqa: E402
+
 Z95 = 1.959964
 
 
@@ -59,7 +62,7 @@ def main() -> int:
     ap.add_argument("--gaps", default="0.1,0.25,0.5", help="budgets as fractions of the gap fastest -> FP32")
     ap.add_argument("--run-dir", default=None, help="the search's run folder (default runs/bench_search_<example>)")
     ap.add_argument("--out", default=None, help="output stem (default reports/search_<example>)")
-    ap.add_argument("--evaluate", default="simulation", choices=("simulation", "engine"),
+    ap.add_argument("--evaluate", default="simulation", choices=EVALUATE_MODES,
                     help="passed on to every mixq search: where plan metrics are measured")
     ap.add_argument("--search-args", default="",
                     help="more options passed on to every mixq search, e.g. \"--runs 20 --rounds 3\"")

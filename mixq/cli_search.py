@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from mixq.errors import MixqError
+from mixq.search_prep import EVALUATE_MODES
 
 
 def register(sub, add_task_args: Callable, task_of: Callable, run_dir_of: Callable) -> None:
@@ -54,7 +55,7 @@ def register(sub, add_task_args: Callable, task_of: Callable, run_dir_of: Callab
                                                         "sensitivity and latencies, and start over")
     p.add_argument("--no-random-baseline", action="store_true",
                    help="skip the random-search baseline (a second study with the same number of trials)")
-    p.add_argument("--evaluate", default="simulation", choices=("simulation", "engine"),
+    p.add_argument("--evaluate", default="simulation", choices=EVALUATE_MODES,
                    help="where a plan's metric is measured, in the study and in the final figures: the fake-quant "
                         "simulation (default) or the plan's model on ONNX Runtime, the deployed numbers (about "
                         "10x faster on EfficientNet-Lite0; the sensitivity scan stays in the simulation)")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from mixq.errors import ConfigError
+from mixq.search_prep import EVALUATE_MODES
 
 
 # section -> key -> (type, default). "" is the top level.
@@ -41,7 +42,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     "latency": {"rounds": (int, 7), "runs": (int, 50), "min_seconds": (float, 0.2)},
 }
 # keys whose value is one of a few words, checked here so that a typo is named before any stage starts
-CHOICES: dict[str, tuple[str, ...]] = {"search.evaluate": ("simulation", "engine")}
+CHOICES: dict[str, tuple[str, ...]] = {"search.evaluate": EVALUATE_MODES}
 
 
 def _qualified() -> list[str]:

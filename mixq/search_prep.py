@@ -14,6 +14,7 @@ from typing import Any, Optional
 from mixq.errors import ConfigError
 
 CACHE = "search-cache"
+EVALUATE_MODES = ("simulation", "engine")  # where a plan's metric is measured (--evaluate); the first is the default
 JOURNAL = "search-study.journal"
 
 
