@@ -220,10 +220,13 @@ def markdown(summary: dict, paths: dict) -> str:
         L.append("Latency in the search: one absolute measurement per plan (median of its runs).")
     if summary.get("evaluate") == "engine":
         L.append("Metrics (search and test split, FP32 included): each plan's model run on ONNX Runtime, the numbers "
-                 "the deployed engine gives; the sensitivity scan is the fake-quant simulation's.")
+                 "the deployed engine gives.")
     else:
         L.append("Metrics (search and test split): the fake-quant simulation of each plan (`mixq verify` compares it "
                  "with the engine).")
+    source = summary.get("sensitivity", {}).get("source")
+    if source:
+        L.append(f"Sensitivity (what the scan-guided, greedy and ILP baselines rank units by): {source}.")
     L += ["", f"Space: {summary['space']['describe']}.", "",
           f"Study `{summary['study']}` in {summary['storage']} ({summary['trials']} trials, {summary['sampler']}, seed "
           f"{summary['seed']}), warm-started with the baselines; random search with the same number of trials in "

@@ -27,8 +27,9 @@ from typing import Any, Optional
 from mixq.errors import ConfigError, MixqError
 from mixq.search_join import collect_workers, latency_setup, pin, start_local_workers
 from mixq.search_prep import (CACHE, _say, calibrated_model, check_budget, check_cache, check_study_before_work,
-                              discard, engine_latency, engine_runner, fingerprint_parts, imported_sensitivity, plan_of,
-                              recorded_fp32_ms, search_latency, sensitivity, study_name, weight_counts)
+                              discard, engine_latency, engine_runner, engine_sensitivity, fingerprint_parts,
+                              imported_sensitivity, plan_of, recorded_fp32_ms, search_latency, sensitivity,
+                              study_name, weight_counts)
 
 SCAN_GUIDED_DROP = 0.5  # metric points: a unit that alone costs more stays float in the scan-guided baseline
 
@@ -123,12 +124,20 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
             raise ConfigError(f"--sensitivity {opts.sensitivity!r} lacks {len(missing)} unit/format drop(s) of this "
                               f"space, e.g. {', '.join(missing[:3])}; it was made on another graph of the model.")
         _say(f"[2/5] sensitivity from {opts.sensitivity} (made by mixq scan on this model, data and backend)")
+        source = f"imported from {opts.sensitivity}"
+    lat = engine_latency(q, calib, opts)  # traces the float graph, which the engine evaluation builds on too
+    runner = engine_runner(q, lat, opts)
+    if imported is not None:
+        pass  # drops and Fisher scores from the file
+    elif runner is not None:
+        drops, fisher = engine_sensitivity(q, calib, search_data, task, cache, opts, space, runner)
+        source = "ONNX Runtime (one unit at a time, the study's own measurement)"
     else:
         drops, fisher, _ = sensitivity(q, calib, search_data, task, cache, opts)
+        source = "fake-quant simulation (one unit at a time)"
     stages["calibrate_and_sensitivity_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    lat = engine_latency(q, calib, opts)
     lat_file = cache / "latency.json"
     if lat_file.is_file():
         try:
@@ -181,8 +190,6 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
     stages["latency_and_baselines_s"] = time.perf_counter() - t0
 
     from mixq.evaluate import evaluate_plan
-
-    runner = engine_runner(q, lat, opts)
 
     def plan(a: dict):
         return plan_of(a, backend, opts)
@@ -273,7 +280,8 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
                "trials": opts.trials, "study": name, "storage": storage_text, "dashboard": f"optuna-dashboard {dashboard}",
                "fp32_ms": fp32_ms, "limit_ms": limit, "space": {"describe": space.describe(), "kinds": space.kinds,
                "choices": {u: list(c) for u, c in space.choices.items()}},
-               "sensitivity": {"drops": drops, "fisher": fisher, "single_deltas_ms": deltas, "weights": params},
+               "sensitivity": {"source": source, "drops": drops, "fisher": fisher, "single_deltas_ms": deltas,
+                               "weights": params},
                "baselines": base, "rows": rows, "retime": retimed, "search": res.to_dict(),
                "random": rand.to_dict() if rand is not None else None, "notes": notes, "stages": stages,
                "selection": selection, "workers": worker_timings, "metric_tolerance": opts.metric_tolerance,

@@ -83,6 +83,11 @@ def metric(outputs, targets):
     return np.concatenate([100.0 * (o.argmax(1) == t).numpy() for o, t in zip(outputs, targets)])
 
 
+def probability(outputs, targets):
+    """The softmax probability of the label, in percent: a score that moves with every small change of the logits."""
+    return np.concatenate([100.0 * o.softmax(1).gather(1, t[:, None])[:, 0].numpy() for o, t in zip(outputs, targets)])
+
+
 def exploding_metric(outputs, targets):
     raise AssertionError("the metric ran: an evaluation happened before the bad input was refused")
 
@@ -409,8 +414,52 @@ def test_evaluate_engine_measures_the_study_and_the_final_figures_on_onnx_runtim
     assert out["evaluate"] == "engine" and "run on ONNX Runtime" in (d / "search.md").read_text()
     evaluated = sum(r["metric"] is not None for r in out["search"]["records"])
     distinct = len({json.dumps(r["assignment"], sort_keys=True) for r in out["rows"]})
-    assert len(ran) >= evaluated + distinct + 1, (len(ran), evaluated, distinct)  # + the FP32 reference
+    units = list(out["space"]["choices"])
+    assert len(ran) >= evaluated + distinct + len(units) + 1, (len(ran), evaluated, distinct)  # + the FP32 reference
     assert "calibrated model from" in capsys.readouterr().out  # the simulation's caches serve it
+    # the sensitivity is the engine's too: each unit alone on ONNX Runtime against FP32 there, Fisher from torch
+    sens = out["sensitivity"]
+    assert sens["source"].startswith("ONNX Runtime") and "ONNX Runtime (one unit" in (d / "search.md").read_text()
+    singles = [dict(p.layers) for p in ran if len(p.layers) == 1]
+    assert all({u: "int8"} in singles for u in units)
+    simulated = json.loads((searched / "search.json").read_text())["sensitivity"]
+    assert sens["fisher"] == simulated["fisher"]
+
+
+def test_evaluate_engine_scans_each_unit_on_onnx_runtime(tmp_path):
+    """The drops the baselines rank units by are engine measurements: checked against plain ONNX Runtime sessions."""
+    specs = [*SPECS[:-1], "test_search_cli:probability"]  # a continuous score: every unit's INT8 moves it
+    assert main(_search(tmp_path, "--budget", "0.8x", "--trials", "2", "--no-random-baseline", "--evaluate",
+                        "engine", specs=specs)) == 0
+    out = json.loads((tmp_path / "search.json").read_text())
+    sens, units = out["sensitivity"], list(out["space"]["choices"])
+    assert sens["source"].startswith("ONNX Runtime") and set(sens["drops"]) == set(units)
+    # an independent account of one unit's drop: plain ONNX Runtime sessions of the float and single-unit models
+    import onnxruntime as ort
+    import torch
+
+    from mixq.checkpoint import load_quantized
+    from mixq.evaluate import evaluate
+    from mixq.export import apply_plan, export_float_graph
+    from mixq.plan import QuantPlan
+
+    q = load_quantized(model(), tmp_path / "search-cache" / "calibrated", calib_data=calib_data())
+    graph = export_float_graph(q, calib_data()[0], None, batch_axis=0)
+    u = max(units, key=lambda u: abs(sens["drops"][u]["int8"]))
+
+    def on_ort(layers: dict) -> float:
+        onnx_model = apply_plan(graph, q, QuantPlan(backend="ort-cpu", default="fp32", layers=layers))
+        s = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+        name = s.get_inputs()[0].name
+
+        def run(x):
+            return torch.from_numpy(s.run(None, {name: x.numpy()})[0])
+        return evaluate(run, eval_data(), probability).metric
+
+    # FP32 on the engine scores what the torch model scores
+    assert on_ort({}) == pytest.approx(evaluate(model(), eval_data(), probability).metric, abs=1e-4)
+    assert sens["drops"][u]["int8"] == pytest.approx(on_ort({}) - on_ort({u: "int8"}), abs=1e-9)
+    assert any(per["int8"] != 0 for per in sens["drops"].values()), "a table of zeros tests nothing"
 
 
 @pytest.mark.parametrize("extra, message", [
