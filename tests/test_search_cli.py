@@ -460,6 +460,14 @@ def test_evaluate_engine_scans_each_unit_on_onnx_runtime(tmp_path):
     assert on_ort({}) == pytest.approx(evaluate(model(), eval_data(), probability).metric, abs=1e-4)
     assert sens["drops"][u]["int8"] == pytest.approx(on_ort({}) - on_ort({u: "int8"}), abs=1e-9)
     assert any(per["int8"] != 0 for per in sens["drops"].values()), "a table of zeros tests nothing"
+    # measured once: a rerun (here a new study) reads each entry back from the cache, measuring nothing again
+    cached = tmp_path / "search-cache" / "sensitivity-engine.json"
+    entries = json.loads(cached.read_text())
+    entries[f"{u} int8"] = entries["fp32"] - 7.0
+    cached.write_text(json.dumps(entries))
+    assert main(_search(tmp_path, "--budget", "0.8x", "--trials", "2", "--no-random-baseline", "--evaluate",
+                        "engine", "--study", "again", specs=specs)) == 0
+    assert json.loads((tmp_path / "search.json").read_text())["sensitivity"]["drops"][u]["int8"] == 7.0
 
 
 @pytest.mark.parametrize("extra, message", [
