@@ -44,8 +44,12 @@ def register(sub, add_task_args: Callable, task_of: Callable, run_dir_of: Callab
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
     p.add_argument("--confidence", type=float, default=0.95, help="interval coverage (default 0.95)")
     p.add_argument("--calib-method", default="max", help="max (default), entropy, percentile or mse")
-    p.add_argument("--method", default="auto", choices=("auto", "fast", "naive"),
-                   help="exact scan method: fast re-runs only what a layer changes (FX mode); naive runs full evaluations")
+    p.add_argument("--method", default="auto", choices=("auto", "fast", "naive", "engine"),
+                   help="exact scan method: fast re-runs only what a layer changes (FX mode); naive runs full "
+                        "evaluations; engine runs each entry's plan on ONNX Runtime (ort-cpu), the deployed numbers")
+    from mixq.cli_deploy import add_batch_axis_arg
+
+    add_batch_axis_arg(p)  # --method engine exports the model
     p.add_argument("--fresh", action="store_true", help="discard finished results in the run folder and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--report-dir", default=None, help="where the report goes (default: RUN/report)")
@@ -57,9 +61,12 @@ def register(sub, add_task_args: Callable, task_of: Callable, run_dir_of: Callab
 
 
 def cmd_scan(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable) -> int:
+    from mixq.cli_deploy import batch_axis_of
     from mixq.report import ReportError, scan_report
     from mixq.sensitivity import scan_task
+    from mixq.sensitivity.api import check_method
 
+    check_method(args.method, args.backend or "ort-cpu")  # before any data is loaded
     task = task_of(args)
     if args.split == "search":
         if task.search_fn is None:
@@ -71,7 +78,8 @@ def cmd_scan(args: argparse.Namespace, task_of: Callable, run_dir_of: Callable) 
                       modes=args.mode, proxies=args.proxies, proxy_data=args.proxy_data,
                       proxy_batch=args.proxy_batch, bootstrap=args.bootstrap,
                       confidence=args.confidence, calib_method=args.calib_method, method=args.method,
-                      store=run_dir / "scan.jsonl", fresh=args.fresh, progress=not args.no_progress, seed=args.seed)
+                      store=run_dir / "scan.jsonl", fresh=args.fresh, progress=not args.no_progress, seed=args.seed,
+                      batch_axis=batch_axis_of(args))
     print(summary(table))
     try:
         paths = scan_report(run_dir / "sensitivity.json", Path(args.report_dir) if args.report_dir else run_dir / "report")

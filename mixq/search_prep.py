@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -177,12 +176,20 @@ def weight_counts(q) -> dict:
 
 
 def sensitivity(q, calib, search_data, task, cache: Path, opts) -> tuple[dict, dict, Any]:
-    """One-at-a-time drops and Fisher scores per unit and format, on the search split (cached)."""
+    """One-at-a-time drops and Fisher scores per unit and format, on the search split (cached).
+
+    With ``--evaluate engine`` the drops are measured where the study measures its plans: each unit alone on ONNX
+    Runtime against FP32 there (``mixq scan --method engine``, its own store); the Fisher scores stay PyTorch's.
+    """
     from mixq.sensitivity import scan
 
-    _say("[2/5] one-at-a-time sensitivity and Fisher proxy on the search split ...")
+    engine = opts.evaluate == "engine"
+    _say(f"[2/5] one-at-a-time sensitivity ({'on ONNX Runtime' if engine else 'fake-quant simulation'}) and Fisher "
+         "proxy on the search split ...")
     table = scan(q, calib, search_data, task.metric_fn, modes="one-at-a-time", proxies=True, progress=opts.progress,
-                 task_name=task.name, store=cache / "scan.jsonl", seed=0)  # not the study's seed: the table serves every study
+                 task_name=task.name, store=cache / ("scan-engine.jsonl" if engine else "scan.jsonl"), seed=0,
+                 method="engine" if engine else "auto", batch_axis=opts.batch_axis)
+    # seed 0, not the study's: the table serves every study
     drops, fisher = {}, {}
     for r in table.rows:
         if r.drop is not None:
@@ -190,46 +197,6 @@ def sensitivity(q, calib, search_data, task, cache: Path, opts) -> tuple[dict, d
         if r.fisher is not None:
             fisher.setdefault(r.layer, {})[r.format] = float(r.fisher)
     return drops, fisher, table
-
-
-def engine_sensitivity(q, calib, search_data, task, cache: Path, opts, space, runner) -> tuple[dict, dict]:
-    """``--evaluate engine``: one-at-a-time drops measured on ONNX Runtime, Fisher scores from the scan's proxy pass.
-
-    Each unit alone in each of its formats, everything else float, is built and run on the engine and compared with
-    FP32 run there (drop = FP32 metric - metric, in points), the same measurement the study makes of its plans. On
-    MiniLM verses this is about 13 s per unit on the search split, against minutes per unit in the fake-quant scan.
-    Every entry is saved as it is measured (``sensitivity-engine.json`` in the cache), so a killed search resumes.
-    """
-    from mixq.artifacts import write_atomic
-    from mixq.evaluate import evaluate_plan
-    from mixq.sensitivity import scan
-
-    _say("[2/5] one-at-a-time sensitivity on ONNX Runtime (search split) and Fisher proxy ...")
-    table = scan(q, calib, search_data, task.metric_fn, modes="none", proxies=True, progress=opts.progress,
-                 task_name=task.name, store=cache / "scan.jsonl", seed=0)
-    fisher = {}
-    for r in table.rows:
-        if r.fisher is not None:
-            fisher.setdefault(r.layer, {})[r.format] = float(r.fisher)
-    path = cache / "sensitivity-engine.json"
-    done = json.loads(path.read_text()) if path.is_file() else {}
-    todo = [(u, f) for u, choices in space.choices.items() for f in choices if f != "fp32"]
-
-    def measure(key: str, assignment: dict) -> float:
-        if key not in done:
-            done[key] = evaluate_plan(q, plan_of(assignment, q.mixq.backend, opts), search_data, task.metric_fn,
-                                      engine=runner).metric
-            write_atomic(path, json.dumps(done, indent=1))
-        return done[key]
-
-    t0, fresh = time.perf_counter(), sum(f"{u} {f}" not in done for u, f in todo)
-    ref = measure("fp32", {})
-    drops: dict = {}
-    for i, (u, f) in enumerate(todo):
-        drops.setdefault(u, {})[f] = ref - measure(f"{u} {f}", {u: f})
-        if opts.progress and (i + 1) % 10 == 0 or i + 1 == len(todo):
-            _say(f"  {i + 1}/{len(todo)} unit/format pairs ({fresh} measured here, {time.perf_counter() - t0:.0f} s)")
-    return drops, fisher
 
 
 def imported_sensitivity(path: str, model, calib, search_data, task, backend: str, opts
@@ -250,8 +217,10 @@ def imported_sensitivity(path: str, model, calib, search_data, task, backend: st
         raise ConfigError(f"--sensitivity {path!r} is not a sensitivity table written by `mixq scan` ({e}).") from None
     settings = {"backend": backend, "calib_method": opts.calib_method, "quant_mode": "auto", "proxy_data": "calib",
                 "seed": 0}
-    want = digest(fingerprint(model, calib, eval_batches(search_data), task.metric_fn, settings))
-    if fp != want:
+    parts = fingerprint(model, calib, eval_batches(search_data), task.metric_fn, settings)
+    want = digest(parts)
+    engine = digest({**parts, "settings": digest({**settings, "evaluate": "engine"})})  # `mixq scan --method engine`
+    if fp not in (want, engine):
         raise ConfigError(f"--sensitivity {path!r} was made for another model, data, metric, backend or calibration "
                           f"(fingerprint {fp}, this search needs {want}); make it with `mixq scan --example "
                           f"{task.name} --split search --backend {backend} --calib-method {opts.calib_method}` "

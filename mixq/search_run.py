@@ -27,9 +27,8 @@ from typing import Any, Optional
 from mixq.errors import ConfigError, MixqError
 from mixq.search_join import collect_workers, latency_setup, pin, start_local_workers
 from mixq.search_prep import (CACHE, _say, calibrated_model, check_budget, check_cache, check_study_before_work,
-                              discard, engine_latency, engine_runner, engine_sensitivity, fingerprint_parts,
-                              imported_sensitivity, plan_of, recorded_fp32_ms, search_latency, sensitivity,
-                              study_name, weight_counts)
+                              discard, engine_latency, engine_runner, fingerprint_parts, imported_sensitivity, plan_of,
+                              recorded_fp32_ms, search_latency, sensitivity, study_name, weight_counts)
 
 SCAN_GUIDED_DROP = 0.5  # metric points: a unit that alone costs more stays float in the scan-guided baseline
 
@@ -125,19 +124,14 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
                               f"space, e.g. {', '.join(missing[:3])}; it was made on another graph of the model.")
         _say(f"[2/5] sensitivity from {opts.sensitivity} (made by mixq scan on this model, data and backend)")
         source = f"imported from {opts.sensitivity}"
-    lat = engine_latency(q, calib, opts)  # traces the float graph, which the engine evaluation builds on too
-    runner = engine_runner(q, lat, opts)
-    if imported is not None:
-        pass  # drops and Fisher scores from the file
-    elif runner is not None:
-        drops, fisher = engine_sensitivity(q, calib, search_data, task, cache, opts, space, runner)
-        source = "ONNX Runtime (one unit at a time, the study's own measurement)"
     else:
         drops, fisher, _ = sensitivity(q, calib, search_data, task, cache, opts)
-        source = "fake-quant simulation (one unit at a time)"
+        source = ("ONNX Runtime (one unit at a time, the study's own measurement)" if opts.evaluate == "engine"
+                  else "fake-quant simulation (one unit at a time)")
     stages["calibrate_and_sensitivity_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    lat = engine_latency(q, calib, opts)
     lat_file = cache / "latency.json"
     if lat_file.is_file():
         try:
@@ -190,6 +184,8 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
     stages["latency_and_baselines_s"] = time.perf_counter() - t0
 
     from mixq.evaluate import evaluate_plan
+
+    runner = engine_runner(q, lat, opts)
 
     def plan(a: dict):
         return plan_of(a, backend, opts)

@@ -426,7 +426,7 @@ def test_evaluate_engine_measures_the_study_and_the_final_figures_on_onnx_runtim
     assert sens["fisher"] == simulated["fisher"]
 
 
-def test_evaluate_engine_scans_each_unit_on_onnx_runtime(tmp_path):
+def test_evaluate_engine_scans_each_unit_on_onnx_runtime(tmp_path, monkeypatch):
     """The drops the baselines rank units by are engine measurements: checked against plain ONNX Runtime sessions."""
     specs = [*SPECS[:-1], "test_search_cli:probability"]  # a continuous score: every unit's INT8 moves it
     assert main(_search(tmp_path, "--budget", "0.8x", "--trials", "2", "--no-random-baseline", "--evaluate",
@@ -460,14 +460,15 @@ def test_evaluate_engine_scans_each_unit_on_onnx_runtime(tmp_path):
     assert on_ort({}) == pytest.approx(evaluate(model(), eval_data(), probability).metric, abs=1e-4)
     assert sens["drops"][u]["int8"] == pytest.approx(on_ort({}) - on_ort({u: "int8"}), abs=1e-9)
     assert any(per["int8"] != 0 for per in sens["drops"].values()), "a table of zeros tests nothing"
-    # measured once: a rerun (here a new study) reads each entry back from the cache, measuring nothing again
-    cached = tmp_path / "search-cache" / "sensitivity-engine.json"
-    entries = json.loads(cached.read_text())
-    entries[f"{u} int8"] = entries["fp32"] - 7.0
-    cached.write_text(json.dumps(entries))
+    # measured once: a rerun (here a new study) reads every entry back from the scan's store, measuring none again
+    from mixq.evaluate import EngineRunner
+
+    ran, real = [], EngineRunner.model
+    monkeypatch.setattr(EngineRunner, "model", lambda self, plan: ran.append(plan) or real(self, plan))
     assert main(_search(tmp_path, "--budget", "0.8x", "--trials", "2", "--no-random-baseline", "--evaluate",
                         "engine", "--study", "again", specs=specs)) == 0
-    assert json.loads((tmp_path / "search.json").read_text())["sensitivity"]["drops"][u]["int8"] == 7.0
+    assert ran and not any(len(p.layers) == 1 and p.default == "fp32" for p in ran)
+    assert json.loads((tmp_path / "search.json").read_text())["sensitivity"]["drops"] == sens["drops"]
 
 
 @pytest.mark.parametrize("extra, message", [

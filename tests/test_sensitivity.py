@@ -507,6 +507,7 @@ def test_cli_scan_writes_artifacts_and_report(tmp_path, monkeypatch):
         def calib(): return _c
         def evalset(): return _e
         def metric(o, t): return accuracy(o, t)
+        def exploding(): raise AssertionError("data or model loaded before the bad option was refused")
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     p = argparse.ArgumentParser()
@@ -520,6 +521,18 @@ def test_cli_scan_writes_artifacts_and_report(tmp_path, monkeypatch):
     for f in ("scan.jsonl", "sensitivity.json", "report/report.md", "report/drops.png", "report/proxies.png"):
         assert (run / f).is_file(), f
     assert "leave-one-out" in (run / "report" / "report.md").read_text()
+    # --method engine: the same scan on ONNX Runtime, in its own run folder; refused for a backend ORT does not run
+    eng = tmp_path / "engine"
+    args = p.parse_args(["scan", "--model", "usertask:model", "--calib", "usertask:calib", "--eval", "usertask:evalset",
+                         "--metric", "usertask:metric", "--formats", "int8", "--method", "engine", "--bootstrap", "50",
+                         "--run-dir", str(eng), "--no-progress"])
+    assert args.func(args) == 0
+    assert json.loads((eng / "sensitivity.json").read_text())["timing"]["method"] == "engine"
+    args = p.parse_args(["scan", "--model", "usertask:exploding", "--calib", "usertask:exploding", "--eval",
+                         "usertask:exploding", "--metric", "usertask:metric", "--backend", "tensorrt", "--method",
+                         "engine", "--run-dir", str(tmp_path / "trt"), "--no-progress"])
+    with pytest.raises(ScanError, match="method 'engine' runs each plan on ONNX Runtime"):
+        args.func(args)
 
 
 def test_sensitivity_does_not_import_onnx_or_optuna():
@@ -528,3 +541,52 @@ def test_sensitivity_does_not_import_onnx_or_optuna():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------- method "engine": entries on ONNX Runtime
+def _probability(outputs, targets):
+    """Softmax probability of the label, in percent: moves with every small change of the logits."""
+    p = torch.cat([o.float() for o in outputs]).softmax(1)
+    return p.gather(1, torch.cat(targets)[:, None])[:, 0].double().numpy() * 100.0
+
+
+def test_engine_scan_measures_each_entry_on_onnx_runtime(tmp_path):
+    import onnxruntime as ort
+
+    from mixq.engine.ort import DEFAULT_DISABLED
+    from mixq.export import apply_plan, export_float_graph
+
+    model, calib, evalb, _ = _task("cnn")
+    t = scan(model, calib, evalb, _probability, formats=["int8"], modes="both", proxies=True, bootstrap=0,
+             progress=False, store=tmp_path / "scan.jsonl", method="engine")
+    assert t.timing["method"] == "engine"
+    q = quantize(model, QuantPlan.uniform("fp32"), calib_data=calib, formats=["int8"])
+    graph = export_float_graph(q, calib[0])
+
+    def on_ort(plan: QuantPlan) -> float:  # a plain session per plan (mixq's two optimizers off), scored directly
+        s = ort.InferenceSession(apply_plan(graph, q, plan).SerializeToString(), providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=list(DEFAULT_DISABLED))
+        name = s.get_inputs()[0].name
+        outs = [torch.from_numpy(s.run(None, {name: x.numpy()})[0]) for x, _ in evalb]
+        return float(_probability(outs, [y for _, y in evalb]).mean())
+
+    with torch.no_grad():
+        torch_fp32 = float(_probability([model(x) for x, _ in evalb], [y for _, y in evalb]).mean())
+    assert t.reference["fp32"] == pytest.approx(on_ort(QuantPlan.uniform("fp32")), abs=1e-9)
+    assert t.reference["fp32"] == pytest.approx(torch_fp32, abs=1e-3)  # float on the engine: the torch model
+    allq = on_ort(QuantPlan.uniform("int8"))
+    assert t.reference["all:int8"] == pytest.approx(allq, abs=1e-9)
+    assert {r.layer for r in t.rows} == set(q.mixq.kinds) and all(r.drop != 0 for r in t.rows)
+    for r in t.rows:
+        assert r.drop == pytest.approx(t.reference["fp32"] - on_ort(QuantPlan("ort-cpu", "fp32", {r.layer: "int8"})),
+                                       abs=1e-9)
+        assert r.recovered == pytest.approx(on_ort(QuantPlan("ort-cpu", "int8", {r.layer: "fp32"})) - allq, abs=1e-9)
+        assert r.fisher is not None  # the proxies stay PyTorch's
+    # the simulation's drops are another measurement: its scan does not reuse (or mix with) the engine's store
+    with pytest.raises(StaleScanError):
+        scan(model, calib, evalb, _probability, formats=["int8"], proxies=False, progress=False,
+             store=tmp_path / "scan.jsonl")
+    with pytest.raises(ScanError, match="method 'engine' runs each plan on ONNX Runtime.*not 'tensorrt'"):
+        scan(model, calib, evalb, _probability, backend="tensorrt", formats=["int8"], progress=False, method="engine")
+    with pytest.raises(ScanError, match="method must be one of auto, fast, naive, engine, got 'engin'"):
+        scan(model, calib, evalb, _probability, progress=False, method="engin")

@@ -20,6 +20,7 @@ from mixq.evaluate import batch_size, count_samples, eval_batches, score
 from mixq.formats import FORMATS, get_backend
 from mixq.quantize import QuantState, add_formats, calibrate, prepare
 from mixq.sensitivity.errors import ScanError
+from mixq.sensitivity.engine_scan import ENGINE_BACKENDS, EngineScanner
 from mixq.sensitivity.exact import EXACT_MODES, LEAVE_ONE_OUT, ONE_AT_A_TIME, ExactScanner
 from mixq.sensitivity.graphrun import release_free_memory, tensors_of
 from mixq.sensitivity.proxies import proxy_scan
@@ -29,6 +30,7 @@ from mixq.sensitivity.table import LayerSensitivity, SensitivityTable, correlati
 from mixq.stats import paired_bootstrap_ci
 
 PROXY_DATA = ("calib", "eval")
+SCAN_METHODS = ("auto", "fast", "naive", "engine")
 
 
 def _out_sqnr(ref: list, outs: list) -> float:
@@ -73,7 +75,7 @@ def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Optional[Iterab
          bootstrap: int = 1000, confidence: float = 0.95,
          calib_method: Optional[str] = None, method: str = "auto", store: Optional[str | Path] = None,
          fresh: bool = False, progress: bool = True, quant_mode: str = "auto", seed: int = 0,
-         task_name: str = "", concrete_args: Optional[dict] = None) -> SensitivityTable:
+         task_name: str = "", concrete_args: Optional[dict] = None, batch_axis: Optional[int] = 0) -> SensitivityTable:
     """Measure how much each layer costs in each format.
 
     Args:
@@ -99,7 +101,9 @@ def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Optional[Iterab
         bootstrap: resamples for the intervals (0: no intervals).
         confidence: interval coverage.
         calib_method: activation calibration method (default "max", or the prepared model's).
-        method: "auto" (fast suffix replay in FX mode, naive otherwise), "fast" or "naive".
+        method: "auto" (fast suffix replay in FX mode, naive otherwise), "fast" or "naive" (the fake-quant
+            simulation), or "engine": each entry's plan exported and run on ONNX Runtime (backend ort-cpu; the
+            float graph is traced on the first calibration batch). The proxies stay in PyTorch.
         store: JSONL file for resumable results (None: in memory only). The table is also saved
             as ``sensitivity.json`` next to it.
         fresh: discard results already in ``store``.
@@ -108,6 +112,7 @@ def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Optional[Iterab
         seed: seed of the bootstrap and of the Fisher probes.
         task_name: a name for the report.
         concrete_args: FX tracing option (float models only).
+        batch_axis: method "engine": the inputs' batch axis, exported as dynamic (None: static shapes).
 
     Returns:
         The SensitivityTable.
@@ -125,6 +130,7 @@ def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Optional[Iterab
     if bootstrap < 0 or not 0.0 < confidence < 1.0:
         raise ScanError(f"`bootstrap >= 0` and `0 < confidence < 1` must hold, but got "
                         f"(bootstrap={bootstrap}, confidence={confidence}).")
+    check_method(method, get_backend(backend).name if backend is not None else "ort-cpu")
     evalb = eval_batches(eval_data)
     if not isinstance(model, nn.Module):
         model = model()
@@ -141,11 +147,14 @@ def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Optional[Iterab
                         "(or pass a model already calibrated by mixq.quantize).")
     be = get_backend(backend or "ort-cpu")
     calib_method = calib_method or "max"
+    check_method(method, be.name)  # again: a prepared model brings its own backend
     samples = count_samples([b[1] for b in evalb], [b[0] for b in evalb], metric)
     t_start = time.perf_counter()
 
     settings = {"backend": be.name, "calib_method": calib_method, "quant_mode": quant_mode,
                 "proxy_data": proxy_data, "seed": seed}
+    if method == "engine":  # engine drops are not the simulation's: their store is another (fast = naive, bit for bit)
+        settings["evaluate"] = "engine"
     if prepared:
         parts = prepared_fingerprint(model, calib, evalb, metric, {**settings, "model": "prepared"})
     else:
@@ -165,7 +174,9 @@ def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Optional[Iterab
         if prepared:
             check_coverage(qmodel, todo)
         all_formats = [f for f in FORMATS if any(f in fs for fs in todo.values())]
-        scanner = ExactScanner(qmodel, [b[0] for b in evalb], method)
+        scanner = ExactScanner(qmodel, [b[0] for b in evalb], "auto" if method == "engine" else method)
+        exact = scanner if method != "engine" else EngineScanner(  # the proxies keep the simulation's runner
+            qmodel, [b[0] for b in evalb], calib[0] if calib else evalb[0][0], batch_axis)
         targets = [b[1] for b in evalb]
         stages = [(mode, base, todo if mode == ONE_AT_A_TIME else {u: [base] for u, fs in todo.items() if base in fs})
                   for mode in modes_todo for base in (["fp32"] if mode == ONE_AT_A_TIME else all_formats)]
@@ -187,14 +198,23 @@ def scan(model: nn.Module | Callable[[], nn.Module], calib_data: Optional[Iterab
         for mode, base, sub in stages:
             pending = _pending(st, mode, base, sub)
             if pending is not None:
-                _run_exact(st, partials, scanner, metric, targets, samples, mode, base, pending, timing, progress)
-        timing["method"] = scanner.method
+                _run_exact(st, partials, exact, metric, targets, samples, mode, base, pending, timing, progress)
+        timing["method"] = exact.method
         timing["total_s"] = time.perf_counter() - t_start
-        table = _build(st, kinds, scanner.order(kinds), todo, all_formats, modes_todo, bootstrap, confidence,
-                       seed, task_name, be.name, callable_name(metric), timing, scanner)
+        table = _build(st, kinds, exact.order(kinds), todo, all_formats, modes_todo, bootstrap, confidence,
+                       seed, task_name, be.name, callable_name(metric), timing, exact)
     if store is not None:
         table.save(Path(store).with_name("sensitivity.json"))
     return table
+
+
+def check_method(method: str, backend: str) -> None:
+    if method not in SCAN_METHODS:
+        raise ScanError(f"method must be one of {', '.join(SCAN_METHODS)}, got {method!r}.")
+    if method == "engine" and backend not in ENGINE_BACKENDS:
+        raise ScanError(f"method 'engine' runs each plan on ONNX Runtime, which realises the backend "
+                        f"{', '.join(ENGINE_BACKENDS)}, not {backend!r}; scan {backend!r} in the simulation "
+                        "(method 'auto') or use the backend ort-cpu.")
 
 
 def scan_task(task, **kwargs) -> SensitivityTable:
