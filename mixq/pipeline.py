@@ -143,7 +143,8 @@ class Pipeline:
             split = ["--split", "search"] if self.task.search_fn is not None else []
             return ["scan", *task, *run, *split, "--mode", s["mode"], "--formats", s["formats"], "--bootstrap",
                     str(s["bootstrap"]), "--calib-method", s["calib_method"], "--seed", str(s["seed"]), "--no-progress",
-                    *(["--fresh"] if self.fresh else [])]
+                    *(["--method", s["method"], "--batch-axis", top["batch_axis"]] if s["method"] != "auto" else []),
+                    *(["--fresh"] if self.fresh else [])]  # default method: the arguments (and records) of old runs
         if stage == "search":
             s = c.section("search")
             out = ["search", *task, *run, "--budget", top["budget"], "--trials", str(s["trials"]), "--sampler",

@@ -31,7 +31,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
          "metric": (str, None), "train": (str, None), "run_dir": (str, None), "budget": (str, "0.8x"),
          "backend": (str, "ort-cpu"), "batch_axis": (str, "0")},
     "scan": {"mode": (str, "one-at-a-time"), "formats": (str, "int8"), "bootstrap": (int, 1000),
-             "calib_method": (str, "max"), "seed": (int, 0)},
+             "calib_method": (str, "max"), "seed": (int, 0), "method": (str, "auto")},
     "search": {"trials": (int, 30), "sampler": (str, "tpe"), "seed": (int, 0), "formats": (str, "int8"),
                "runs": (int, 50), "rounds": (int, 5), "candidates": (int, 5), "workers": (int, 1),
                "storage": (str, None), "random_baseline": (bool, True),
@@ -42,7 +42,8 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     "latency": {"rounds": (int, 7), "runs": (int, 50), "min_seconds": (float, 0.2)},
 }
 # keys whose value is one of a few words, checked here so that a typo is named before any stage starts
-CHOICES: dict[str, tuple[str, ...]] = {"search.evaluate": EVALUATE_MODES}
+CHOICES: dict[str, tuple[str, ...]] = {"search.evaluate": EVALUATE_MODES,
+                                       "scan.method": ("auto", "fast", "naive", "engine")}  # = sensitivity's SCAN_METHODS
 
 
 def _qualified() -> list[str]:

@@ -167,6 +167,8 @@ def test_a_failed_check_still_writes_the_report_and_exits_1(done, monkeypatch, c
     ("[search]\nsampler = \"cmaes\"\n", "unknown sampler 'cmaes'"),
     ("[search]\nevaluate = \"engin\"\n", "search.evaluate = 'engin' is not valid; choose from simulation, engine. Did you mean 'engine'?"),
     ("[scan]\ncalib_method = \"kl\"\n", "kl"),
+    ("[scan]\nmethod = \"engin\"\n", "scan.method = 'engin' is not valid; choose from auto, fast, naive, engine. "
+     "Did you mean 'engine'?"),
     ("[qat]\nenabled = true\n", "states no training recipe"),
 ])
 def test_bad_configuration_is_refused_before_any_work(toml, message, tmp_path, monkeypatch, capsys):
@@ -225,6 +227,13 @@ def test_the_search_stage_passes_the_search_settings_on(tmp_path):
     assert "--no-random-baseline" in args
     assert args[args.index("--trials") + 1] == "12" and args[args.index("--budget") + 1] == "0.7x"
     assert args[args.index("--sampler") + 1] == "random" and args[args.index("--evaluate") + 1] == "engine"
+    # the scan on the engine too ([scan] method), parsed by the scan's own command line
+    from mixq.cli import build_parser
+
+    assert "--method" not in Pipeline(RunConfig.build(), tmp_path, ["--example", "x"], task, ["run"]).args_of("scan")
+    cfg = RunConfig.build({"batch_axis": "none", "scan": {"method": "engine"}})
+    ns = build_parser().parse_args(Pipeline(cfg, tmp_path, ["--example", "x"], task, ["run"]).args_of("scan"))
+    assert ns.method == "engine" and ns.batch_axis == "none"
 
 
 def test_a_stage_is_current_only_with_its_fingerprint_and_its_files_unchanged(tmp_path):
