@@ -263,3 +263,12 @@ def test_a_stage_is_current_only_with_its_fingerprint_and_its_files_unchanged(tm
     assert p.fingerprint("scan", ["scan", "--seed", "0"]) != fp  # other weights or calibration data
     out.unlink()
     assert not p.current("scan", p.records["scan"]["fingerprint"])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_the_shipped_configurations_are_valid(path):
+    from mixq.run_config import RunConfig
+
+    cfg = RunConfig.load(path)
+    assert cfg.get("", "example") and cfg.get("", "run_dir")
