@@ -200,13 +200,17 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
         lat.save(lat_file)
         return ms
 
+    # besides the baselines, weight-bits plans at a ladder of effective bits (Fisher-ranked): cheap, informed starts
+    ladder = baselines.weight_bits_ladder(space, fisher, params, baselines.effective_bits(
+        base[f"weighted-only {low}"], params)) if any(params.values()) and fisher else {}
+    warm = {**base, **{n: a for n, a in ladder.items() if a not in base.values()}}
     t0 = time.perf_counter()
     plan_cache = PlanCache()
     common = dict(budget=opts.budget, front=opts.front, seed=opts.seed, storage=storage, fingerprint=parts,
                   storage_text=storage_text, exclusive=opts.storage is None, cache=plan_cache, fp32_ms=fp32_ms,
                   progress=opts.progress)
     _say(f"[4/5] Optuna study {name!r} ({storage_text}): {opts.trials} trials ({opts.sampler}, seed {opts.seed}), "
-         f"warm-started with {len(base)} baselines ...")
+         f"warm-started with {len(base)} baselines and {len(warm) - len(base)} weight-bits plans of a ladder ...")
     started: list = []
     if opts.workers > 1:
         pin(0)
@@ -218,7 +222,7 @@ def run(task, d: Path, backend: str, opts: SearchOptions, storage: Any, storage_
                 shared.publish(a, ms)
         started.extend(start_local_workers(d, opts, storage_text))
 
-    res = run_search(space, metric_of, measured, opts.trials, sampler=opts.sampler, warm_start=base, study_name=name,
+    res = run_search(space, metric_of, measured, opts.trials, sampler=opts.sampler, warm_start=warm, study_name=name,
                      label=f"search ({opts.sampler})", latency_setup=latency_setup(lat, opts),
                      lock=LatencyLock(), on_ready=start_workers if opts.workers > 1 else None, **common)
     worker_timings = [{"worker": 0, "pid": os.getpid(), **res.timing}] + collect_workers(started)

@@ -118,6 +118,25 @@ def test_weight_bits_respects_the_bits_budget_and_minimises_scores():
         baselines.weight_bits(s, DROPS, params, effective_bits=0)
 
 
+def test_the_weight_bits_ladder_is_the_weight_bits_plan_at_each_level_once():
+    from mixq.formats import get_format
+
+    s = SearchSpace.build(KINDS, "ort-cpu", formats=["int8"])
+    params = {"conv1": 100, "conv2": 400, "add": 0, "conv3": 300, "fc": 1000}
+    ladder = baselines.weight_bits_ladder(s, DROPS, params, 8.0, fractions=(0.05, 0.1, 0.2, 0.5, 0.9))
+    levels = [8.0 + f * 24.0 for f in (0.05, 0.1, 0.2, 0.5, 0.9)]
+    expected = {}
+    for b in levels:  # the reference: weight_bits at each level, a plan met again not repeated
+        plan = baselines.weight_bits(s, DROPS, params, b)
+        if plan not in expected.values():
+            expected[f"weight-bits (Fisher) {b:.1f} bits, warm start"] = plan
+    assert ladder == expected and 1 < len(ladder) < len(levels)
+    bits = [sum(params[u] * get_format(f).weight_bits for u, f in p.items()) / sum(params.values())
+            for p in ladder.values()]
+    named = [float(n.split(") ")[1].split(" bits")[0]) for n in ladder]
+    assert bits == sorted(bits) and all(b <= lv + 0.05 for b, lv in zip(bits, named))
+
+
 def test_scan_guided_keeps_the_units_that_alone_cost_more_than_the_threshold_float():
     s = SearchSpace.build(KINDS, "ort-cpu", formats=["int8"])
     a = baselines.scan_guided(s, "int8", DROPS, 0.4)

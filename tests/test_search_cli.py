@@ -273,6 +273,9 @@ def test_the_command_writes_every_artifact_and_a_report(searched):
     studies = {t["study"] for t in trials}
     assert studies == {"test_search_cli-0.8x", "test_search_cli-0.8x-random"}
     assert sum(t["study"] == "test_search_cli-0.8x-random" for t in trials) == 10, "random search: same trial count"
+    # the study starts from the baselines, then from Fisher-ranked weight-bits plans (the random search from neither)
+    ladder = [t for t in trials if "bits, warm start" in str(t["source"])]
+    assert ladder and all(t["study"] == "test_search_cli-0.8x" for t in ladder)
     csv_lines = (searched / "search-trials.csv").read_text().splitlines()
     assert csv_lines[0].split(",")[:6] == ["study", "number", "source", "latency_ms", "metric", "feasible"]
     assert len(csv_lines) == len(trials) + 1
