@@ -127,7 +127,12 @@ def open_storage(url: Optional[str], default_path: Path, exclusive: bool = False
                               f"({valid}).")
     url = _with_driver(url, scheme)
     try:
-        return _rdb(url, heartbeat_s)
+        try:
+            return _rdb(url, heartbeat_s)
+        except Exception as e:  # workers opening a new database at once: another one created the tables first
+            if "already exists" not in str(e):
+                raise
+            return _rdb(url, heartbeat_s)
     except ImportError as e:  # Optuna re-raises a missing driver as a plain ImportError
         driver = getattr(e, "name", None) or _DRIVERS.get(scheme, "its database driver")
         raise ConfigError(f"storage {mask_url(url)!r} needs the Python package {driver} (the {scheme} driver), "
