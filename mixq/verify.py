@@ -10,6 +10,12 @@ difference in the last bit, can grow layer by layer. ``noise_floor=True`` measur
 figures for the simulation run in float64 against the simulation in float32, two correct
 implementations that differ only in float rounding. An engine cannot be expected to agree with the
 simulation better than the simulation agrees with itself.
+
+Pass rule. Each figure has a target (agreement >= 99.5%, |metric difference| <= 0.2 points, and
+cosine min >= 0.99 where there is neither). Where the float64 simulation misses a target (the model
+is chaotic under the plan: no implementation can be held to the targets), a figure that misses its
+target still passes when the engine is within the float64 simulation's figure (``_within_floor``). ``passed_by`` says which rule passed; the
+result names every figure that passed by the floor, so a report can say so.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ from mixq.quantize import applied, call_model
 
 TARGET_AGREEMENT = 0.995
 TARGET_METRIC_DIFF = 0.2  # points of the metric (percent)
+TARGET_COSINE_MIN = 0.99  # used only where there is neither an agreement nor a metric
+FLOOR_SIGMAS = 3.0  # how many standard errors of the floor's own figure the engine may fall below it
 OUTPUT_KINDS = ("auto", "classifier", "embedding", "other")
 
 
@@ -43,6 +51,7 @@ class Comparison:
         max_abs_diff: largest absolute output difference.
         max_err_steps: ``max_abs_diff`` in output quantization steps, when the output is quantized.
         metric: the metric on these outputs; metric_ref: on the reference; metric_diff: their difference.
+        metric_diff_se: standard error of ``metric_diff`` (of the mean of per-sample score differences).
     """
 
     samples: int = 0
@@ -56,6 +65,7 @@ class Comparison:
     metric: Optional[float] = None
     metric_ref: Optional[float] = None
     metric_diff: Optional[float] = None
+    metric_diff_se: Optional[float] = None
 
     @property
     def agreement(self) -> Optional[float]:
@@ -73,10 +83,14 @@ class VerifyResult:
         engine: the engine's outputs compared with the simulation's.
         noise_floor: the float64 simulation compared with the float32 one (None unless asked).
         output_step: quantization step of the model output (None when the output is float).
-        targets: the pass thresholds; passed: whether the engine met them.
+        targets: the pass thresholds; passed: whether the engine met them (or, figure by figure,
+            the noise floor where the float64 simulation misses the target too).
+        failures: the figures that failed, in words.
+        passed_by: "targets" (every target met), "noise floor" (the float64 simulation misses a
+            target; the engine missed some too, within that floor) or None (failed).
+        waived: the figures that passed by the noise floor, in words.
         within_noise_floor: the engine agrees with the simulation about as well as the float64
-            simulation does (agreement lower by at most one sample, metric difference not larger by
-            more than the target); None without a noise floor.
+            simulation does on every figure (see ``_within_floor``); None without a noise floor.
         kernels: integer-kernel counts of the engine (ort-cpu), as a dict.
         graph: the float graph the engine's model came from (``FloatGraph.describe()``: example and
             traced input shapes, batch axis, opset, digest).
@@ -93,6 +107,8 @@ class VerifyResult:
     targets: dict = field(default_factory=lambda: {"agreement": TARGET_AGREEMENT, "metric_diff": TARGET_METRIC_DIFF})
     passed: bool = False
     failures: list = field(default_factory=list)
+    passed_by: Optional[str] = None
+    waived: list = field(default_factory=list)
     within_noise_floor: Optional[bool] = None
     kernels: Optional[dict] = None
     graph: Optional[dict] = None
@@ -115,7 +131,10 @@ class VerifyResult:
             parts.append(f"max abs diff {e.max_abs_diff:.3g}")
         if e.metric is not None:
             parts.append(f"metric engine {e.metric:.2f} vs simulation {e.metric_ref:.2f} ({e.metric_diff:+.2f})")
-        s = "; ".join(parts) + (" -> PASS" if self.passed else f" -> FAIL ({'; '.join(self.failures)})")
+        verdict = (" -> FAIL (" + "; ".join(self.failures) + ")" if not self.passed else
+                   " -> PASS" if not self.waived else
+                   " -> PASS by the noise floor (" + "; ".join(self.waived) + ")")
+        s = "; ".join(parts) + verdict
         if self.noise_floor is not None:
             n = self.noise_floor
             agree = n.agreement
@@ -183,6 +202,8 @@ def compare(outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], 
         if s_a.shape == s_b.shape:
             c.score_agreement = float((s_a == s_b).mean())
             c.scored = int(s_a.size)
+            d = (s_a - s_b).astype(np.float64).ravel()
+            c.metric_diff_se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else 0.0
     return c
 
 
@@ -279,12 +300,12 @@ def verify(qmodel: torch.nn.Module, plan, eval_data: Sequence, metric_fn: Option
         res.targets.update(targets)
     if floor_out is not None:
         res.noise_floor = compare(floor_out, sim, kind, tgts, metric_fn, step)
-        res.within_noise_floor = _within(res.engine, res.noise_floor, res.targets["metric_diff"])
+        res.within_noise_floor = all(_within_floor(res.engine, res.noise_floor, name, res.targets["metric_diff"])[0]
+                                     for name, _, _ in _figures(res.engine, res.targets))
     if kernels and graph.backend == "ort-cpu":
         quantized = [u for u, f in resolved.items() if f != "fp32"]
         res.kernels = engine.kernel_counts(graph.unit_nodes, quantized).to_dict()
-    res.failures = _failures(res)
-    res.passed = not res.failures
+    _judge(res)
     return res
 
 
@@ -305,31 +326,64 @@ def _load_onnx(model: Any):
                         "path of an exported .onnx file.") from None
 
 
-def _failures(res: VerifyResult) -> list[str]:
-    e, t = res.engine, res.targets
+def _figures(e: Comparison, t: dict) -> list[tuple[str, str, bool]]:
+    """(figure, its value in words, target met) for each figure the targets judge."""
     out = []
     agree = e.agreement
-    if agree is not None and agree < t["agreement"]:
+    if agree is not None:
         what = "top-1" if e.top1_agreement is not None else "per-sample metric"
-        out.append(f"{what} agreement {100 * agree:.2f}% < {100 * t['agreement']:.2f}%")
-    if e.metric_diff is not None and abs(e.metric_diff) > t["metric_diff"]:
-        out.append(f"|metric difference| {abs(e.metric_diff):.2f} > {t['metric_diff']} points")
-    if agree is None and e.metric_diff is None and e.cosine_min < 0.99:
-        out.append(f"cosine min {e.cosine_min:.4f} < 0.99")
+        out.append(("agreement", f"{what} agreement {100 * agree:.2f}% vs target {100 * t['agreement']:.2f}%",
+                    agree >= t["agreement"]))
+    if e.metric_diff is not None:
+        out.append(("metric_diff", f"|metric difference| {abs(e.metric_diff):.2f} vs target {t['metric_diff']} points",
+                    abs(e.metric_diff) <= t["metric_diff"]))
+    if agree is None and e.metric_diff is None:
+        out.append(("cosine_min", f"cosine min {e.cosine_min:.4f} vs target {TARGET_COSINE_MIN}",
+                    e.cosine_min >= TARGET_COSINE_MIN))
     return out
 
 
-def _within(e: Comparison, floor: Comparison, metric_tol: float) -> bool:
-    # The floor is one draw of float-rounding noise: one sample either way (metric in percent per sample) is within it.
-    n = (e.samples if e.top1_agreement is not None else e.scored) or e.samples or 1
-    ok = True
-    if e.agreement is not None and floor.agreement is not None:
-        ok &= e.agreement >= floor.agreement - 1.5 / n
-    if e.metric_diff is not None and floor.metric_diff is not None:
-        ok &= abs(e.metric_diff) <= abs(floor.metric_diff) + max(metric_tol, 150.0 / max(e.scored, 1))
-    if e.agreement is None:
-        ok &= e.cosine_min >= floor.cosine_min - 1e-3
-    return bool(ok)
+def _judge(res: VerifyResult) -> None:
+    """Set ``failures``, ``waived``, ``passed`` and ``passed_by`` of ``res`` (see the module's pass rule)."""
+    e, floor = res.engine, res.noise_floor
+    # Chaotic under this plan: float rounding alone (float64 vs float32 simulation) misses a target.
+    chaotic = floor is not None and not all(ok for _, _, ok in _figures(floor, res.targets))
+    res.failures, res.waived = [], []
+    for name, words, ok in _figures(e, res.targets):
+        if ok:
+            continue
+        if chaotic:
+            within, why = _within_floor(e, floor, name, res.targets["metric_diff"])
+            if within:
+                res.waived.append(f"{words}: within the float64 simulation's noise floor ({why})")
+                continue
+            res.failures.append(f"{words}, and outside the float64 simulation's noise floor ({why})")
+        else:
+            res.failures.append(words)
+    res.passed = not res.failures
+    res.passed_by = None if res.failures else "noise floor" if res.waived else "targets"
+
+
+def _within_floor(e: Comparison, floor: Comparison, name: str, metric_tol: float) -> tuple[bool, str]:
+    """Whether the engine's ``name`` figure is within the float64 simulation's, and the comparison in words.
+
+    The floor is one draw of float-rounding noise, so the engine may fall below it by
+    ``FLOOR_SIGMAS`` standard errors of the floor's own figure (a binomial proportion over the
+    samples for agreement; for the metric difference, the standard error of the floor's per-sample
+    score differences, at least ``metric_tol``), and at least one sample.
+    """
+    if name == "agreement":
+        n = (e.samples if e.top1_agreement is not None else e.scored) or e.samples or 1
+        p = floor.agreement
+        tol = max(FLOOR_SIGMAS * math.sqrt(max(p * (1 - p), 0.0) / n), 1.5 / n)
+        return (e.agreement >= p - tol,
+                f"engine {100 * e.agreement:.2f}% vs floor {100 * p:.2f}%, tolerance {100 * tol:.2f} points")
+    if name == "metric_diff":
+        tol = max(metric_tol, FLOOR_SIGMAS * (floor.metric_diff_se or 0.0))
+        return (abs(e.metric_diff) <= abs(floor.metric_diff) + tol,
+                f"engine {abs(e.metric_diff):.2f} vs floor {abs(floor.metric_diff):.2f}, tolerance {tol:.2f} points")
+    return (e.cosine_min >= floor.cosine_min - 1e-3,
+            f"engine {e.cosine_min:.4f} vs floor {floor.cosine_min:.4f}, tolerance 0.001")
 
 
 def _float64_outputs(qmodel: torch.nn.Module, batches: Sequence) -> list[torch.Tensor]:

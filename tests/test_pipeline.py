@@ -137,13 +137,15 @@ def test_a_killed_run_continues_where_it_stopped(tmp_path):
 
 @pytest.mark.slow
 def test_a_failed_check_still_writes_the_report_and_exits_1(done, monkeypatch, capsys):
-    """Verification run in this process under a target no engine can meet: the report says FAIL, the exit is 1."""
+    """Verification run in this process under a target no engine can meet, without the noise floor (which would
+    waive a target the float64 simulation misses too): the report says FAIL, the exit is 1."""
     import mixq.pipeline
     import mixq.verify
 
     d, _ = done
     real_verify, real_call = mixq.verify.verify, mixq.pipeline.Pipeline.call
-    monkeypatch.setattr(mixq.verify, "verify", lambda *a, **kw: real_verify(*a, **{**kw, "targets": {"agreement": 1.01}}))
+    monkeypatch.setattr(mixq.verify, "verify", lambda *a, **kw: real_verify(
+        *a, **{**kw, "targets": {"agreement": 1.01}, "noise_floor": False}))
     monkeypatch.setattr(mixq.pipeline.Pipeline, "call",
                         lambda self, args: main(args) if args[0] == "verify" else real_call(self, args))
     monkeypatch.syspath_prepend(TESTS)
