@@ -31,7 +31,10 @@ def test_deploy_quantizes_verifies_and_times(tmp_path, capsys):
     assert main(["deploy", *SPECS, "--run-dir", str(tmp_path), "--runs", "5"]) == 0
     out = json.loads((tmp_path / "deploy.json").read_text())
     assert out["fp32_metric"] == 100.0 and "verify" in out and out["latency_ms"]["fp32"] > 0
+    assert out["verify"]["noise_floor"]["samples"] == out["verify"]["engine"]["samples"]  # measured by default
     assert "[3/3]" in capsys.readouterr().out
+    assert main(["deploy", *SPECS, "--run-dir", str(tmp_path), "--runs", "2", "--no-noise-floor"]) == 0
+    assert json.loads((tmp_path / "deploy.json").read_text())["verify"]["noise_floor"] is None
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -54,8 +57,8 @@ def test_deploy_exits_nonzero_when_verification_fails(tmp_path, monkeypatch, cap
 
     real = mixq.verify.verify
 
-    def strict(*a, **kw):  # the real engine and comparison, under a target no engine can meet
-        return real(*a, **{**kw, "targets": {"agreement": 1.01}})
+    def strict(*a, **kw):  # the real engine and comparison, under a target no engine can meet (no floor to waive it)
+        return real(*a, **{**kw, "targets": {"agreement": 1.01}, "noise_floor": False})
 
     monkeypatch.setattr(mixq.verify, "verify", strict)
     assert main(["deploy", *SPECS, "--run-dir", str(tmp_path), "--runs", "2"]) == 1
