@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from mixq.errors import MixqError
+from mixq.sensitivity.table import SCAN_METHODS
 
 MODES = ("one-at-a-time", "leave-one-out", "both", "none")
 
@@ -44,7 +45,7 @@ def register(sub, add_task_args: Callable, task_of: Callable, run_dir_of: Callab
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
     p.add_argument("--confidence", type=float, default=0.95, help="interval coverage (default 0.95)")
     p.add_argument("--calib-method", default="max", help="max (default), entropy, percentile or mse")
-    p.add_argument("--method", default="auto", choices=("auto", "fast", "naive", "engine"),
+    p.add_argument("--method", default="auto", choices=SCAN_METHODS,
                    help="exact scan method: fast re-runs only what a layer changes (FX mode); naive runs full "
                         "evaluations; engine runs each entry's plan on ONNX Runtime (ort-cpu), the deployed numbers")
     from mixq.cli_deploy import add_batch_axis_arg

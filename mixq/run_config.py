@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional
 
 from mixq.errors import ConfigError
 from mixq.search_prep import EVALUATE_MODES
+from mixq.sensitivity.table import SCAN_METHODS
 
 
 # section -> key -> (type, default). "" is the top level.
@@ -43,7 +44,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
 }
 # keys whose value is one of a few words, checked here so that a typo is named before any stage starts
 CHOICES: dict[str, tuple[str, ...]] = {"search.evaluate": EVALUATE_MODES,
-                                       "scan.method": ("auto", "fast", "naive", "engine")}  # = sensitivity's SCAN_METHODS
+                                       "scan.method": SCAN_METHODS}
 
 
 def _qualified() -> list[str]:

@@ -26,11 +26,10 @@ from mixq.sensitivity.graphrun import release_free_memory, tensors_of
 from mixq.sensitivity.proxies import proxy_scan
 from mixq.sensitivity.selection import check_coverage, check_prepared, exact_modes, prepared_formats, select
 from mixq.sensitivity.store import PartialFiles, ScanStore, callable_name, fingerprint, prepared_fingerprint
-from mixq.sensitivity.table import LayerSensitivity, SensitivityTable, correlations, output_sqnr_db
+from mixq.sensitivity.table import SCAN_METHODS, LayerSensitivity, SensitivityTable, correlations, output_sqnr_db
 from mixq.stats import paired_bootstrap_ci
 
 PROXY_DATA = ("calib", "eval")
-SCAN_METHODS = ("auto", "fast", "naive", "engine")
 
 
 def _out_sqnr(ref: list, outs: list) -> float:

@@ -31,6 +31,9 @@ from mixq.artifacts import write_atomic
 from mixq.sensitivity.errors import ScanError
 from mixq.stats import paired_bootstrap_ci  # noqa: F401 - its old home; the table's intervals come from it
 
+# How `scan` measures its exact drops (see ``mixq.sensitivity.api.scan``); here, without torch, for the run config.
+SCAN_METHODS = ("auto", "fast", "naive", "engine")
+
 TABLE_VERSION = 1
 
 # proxy name -> (field, sign): sign * value grows with sensitivity
