@@ -5,7 +5,7 @@
 ``JOB.json`` names the ONNX files (FP32 and each plan, as ``mixq search`` exported them from the saved
 calibrated model), the example inputs (``.npy``), and the timing settings (threads, runs, warm-up,
 rounds, clock, the engine's disabled optimizers). Every session is built with ``mixq.engine.ort.build``
-(what the search measured and what deployment runs); each round times FP32 and then the plan, back to
+(what the search measured and what deployment runs), anew in every round; each round times FP32 and then the plan, back to
 back, so a slow spell of a shared machine hits both. A plan's figures are medians over rounds: its
 latency, and its ratio to the FP32 run next to it. Nothing from the parent process is reused: no
 session, no cache, no warmed-up allocator.
@@ -56,17 +56,21 @@ def retime(job: Mapping[str, Any]) -> dict:
         feeds = eng.feed(inputs if len(inputs) > 1 else inputs[0])
         return lambda: eng.session.run(None, feeds)
 
-    fp32 = engine(job["fp32"])
-    plans = {name: engine(path) for name, path in job["plans"].items()}
+    plans = dict(job["plans"])
     # A measurement lasts at least min_seconds: a few runs of a 0.1 ms model are one scheduler tick.
-    probe = time_runs(fp32, 5, warmup, clock).median_ms
+    probe = time_runs(engine(job["fp32"]), 5, warmup, clock).median_ms
     runs = max(runs, int(float(job.get("min_seconds", 0.0)) * 1e3 / max(probe, 1e-3)) + 1)
     per: dict[str, dict[str, list]] = {n: {"plan": [], "fp32": []} for n in plans}
     for r in range(int(job["rounds"])):
+        # New sessions every round: a session's speed can sit ~30% off another's of the same model for its whole
+        # life (measured on the MNIST ResNet, 0.065 vs 0.09 ms), so the median over rounds is over sessions too.
+        fp32 = engine(job["fp32"])
         names = list(plans) if r % 2 == 0 else list(plans)[::-1]
         for n in names:
+            plan = engine(plans[n])
             a = time_runs(fp32, runs, warmup, clock).median_ms
-            b = time_runs(plans[n], runs, warmup, clock).median_ms
+            b = time_runs(plan, runs, warmup, clock).median_ms
+            del plan
             per[n]["fp32"].append(a)
             per[n]["plan"].append(b)
     out = {}
