@@ -5,8 +5,8 @@
 ``JOB.json`` names the ONNX files (FP32 and each plan, as ``mixq search`` exported them from the saved
 calibrated model), the example inputs (``.npy``), and the timing settings (threads, runs, warm-up,
 rounds, clock, the engine's disabled optimizers). Every session is built with ``mixq.engine.ort.build``
-(what the search measured and what deployment runs), anew in every round; each round times FP32 and then the plan, back to
-back, so a slow spell of a shared machine hits both. A plan's figures are medians over rounds: its
+(what the search measured and what deployment runs), anew in every round; each round times FP32 and
+then the plan, back to back, so a slow spell of a shared machine hits both. A plan's figures are medians over rounds: its
 latency, and its ratio to the FP32 run next to it. Nothing from the parent process is reused: no
 session, no cache, no warmed-up allocator.
 
@@ -62,7 +62,7 @@ def retime(job: Mapping[str, Any]) -> dict:
     runs = max(runs, int(float(job.get("min_seconds", 0.0)) * 1e3 / max(probe, 1e-3)) + 1)
     per: dict[str, dict[str, list]] = {n: {"plan": [], "fp32": []} for n in plans}
     for r in range(int(job["rounds"])):
-        # New sessions every round: a session's speed can sit ~30% off another's of the same model for its whole
+        # New sessions every round: a session's speed can sit ~40% off another's of the same model for its whole
         # life (measured on the MNIST ResNet, 0.065 vs 0.09 ms), so the median over rounds is over sessions too.
         fp32 = engine(job["fp32"])
         names = list(plans) if r % 2 == 0 else list(plans)[::-1]

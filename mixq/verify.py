@@ -14,8 +14,9 @@ simulation better than the simulation agrees with itself.
 Pass rule. Each figure has a target (agreement >= 99.5%, |metric difference| <= 0.2 points, and
 cosine min >= 0.99 where there is neither). Where the float64 simulation misses a target (the model
 is chaotic under the plan: no implementation can be held to the targets), a figure that misses its
-target still passes when the engine is within the float64 simulation's figure (``_within_floor``). ``passed_by`` says which rule passed; the
-result names every figure that passed by the floor, so a report can say so.
+target still passes when the engine is within the float64 simulation's figure (``_within_floor``).
+``passed_by`` says which rule passed; ``waived`` names every figure that passed by the floor, so a
+report can say so.
 """
 from __future__ import annotations
 
